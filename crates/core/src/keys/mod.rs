@@ -1,0 +1,8 @@
+//! API keys: their format, their JSON shapes, and the service that verifies and
+//! manages them.
+
+pub mod api;
+pub mod format;
+pub mod service;
+
+pub use service::{AuthFailure, Denied, KeyError, KeyService, RequestContext};

@@ -1,0 +1,786 @@
+//! The key service: verification on the hot path, and the key lifecycle.
+//!
+//! Verification is served from an in-memory cache of every key (hash → principal),
+//! so a known key costs one SHA-256 and a map lookup, no I/O. The cache is kept
+//! true three ways: this node updates it right after each change it commits; a poll
+//! of the store's revision counter picks up changes made by other processes (the
+//! offline CLI, other nodes) within a second; and a cache miss triggers one bounded,
+//! single-flight refresh, so a brand-new key works at once while a flood of unknown
+//! keys cannot hammer the store.
+//!
+//! Lifecycle rules live here, not at the HTTP edge: visibility (another tenant's or
+//! env's key is "not found"), no escalation (a key never grants or manages more
+//! than it holds), rotation grace, and an audit event for every change, written in
+//! the same transaction as the change.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use subtle::ConstantTimeEq;
+
+use super::api::{
+    self, CreateKeyRequest, CreatedKey, InvalidField, KeyView, UpdateKeyRequest, WhoAmI, invalid,
+};
+use super::format::{self, KeyHash, KeyShape};
+use crate::model::{AuditRecord, KeyRecord, Outcome, QuotaRecord, Timestamp};
+use crate::net::IpNet;
+use crate::principal::{CredentialSource, Principal, UsageCell};
+use crate::scopes::{Profile, Scope, ScopeSet};
+use crate::store::{Changes, KeyStore, KeyUsage, QuotaChange, StoreError};
+
+/// Default rotation grace period: 7 days.
+pub const DEFAULT_GRACE_SEC: u64 = 7 * 86_400;
+/// Longest accepted grace period or key lifetime offset: 10 years.
+const MAX_DURATION_SEC: u64 = 10 * 365 * 86_400;
+/// A cache miss refreshes from the store at most this often.
+const MISS_REFRESH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Why a credential was refused. The edge maps these to SPEC codes; audit rows keep
+/// the precise reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// Looks like a sandgate key but fails the format or checksum.
+    Malformed,
+    /// Not a key this server knows.
+    Unknown,
+    Expired,
+    Revoked,
+}
+
+/// A refused credential, with the key it named when that key exists (for the audit row).
+#[derive(Debug, Clone)]
+pub struct Denied {
+    pub failure: AuthFailure,
+    pub key: Option<Arc<Principal>>,
+}
+
+impl From<AuthFailure> for Denied {
+    fn from(failure: AuthFailure) -> Denied {
+        Denied { failure, key: None }
+    }
+}
+
+impl AuthFailure {
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthFailure::Malformed => "malformed_key",
+            AuthFailure::Unknown => "unknown_key",
+            AuthFailure::Expired => "key_expired",
+            AuthFailure::Revoked => "key_revoked",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("key not found")]
+    NotFound,
+    #[error("{message}")]
+    Forbidden {
+        required_scope: Scope,
+        message: String,
+    },
+    #[error(transparent)]
+    Invalid(#[from] InvalidField),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The request a change is made in, for its audit row.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    pub request_id: Option<String>,
+    pub client_ip: Option<String>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+}
+
+struct CachedKey {
+    record: KeyRecord,
+    principal: Arc<Principal>,
+}
+
+#[derive(Default)]
+struct KeyCache {
+    by_hash: HashMap<KeyHash, Arc<CachedKey>>,
+    by_id: HashMap<String, Arc<CachedKey>>,
+    usage: HashMap<String, Arc<UsageCell>>,
+    quotas: HashMap<String, QuotaRecord>,
+    rev: i64,
+}
+
+impl KeyCache {
+    fn apply(&mut self, changes: Changes) {
+        for record in changes.keys {
+            self.put(record);
+        }
+        self.quotas.extend(changes.quotas);
+        self.rev = self.rev.max(changes.rev);
+    }
+
+    fn put(&mut self, record: KeyRecord) {
+        let usage = Arc::clone(self.usage.entry(record.id.clone()).or_default());
+        let principal = Arc::new(principal_for(&record, usage));
+        let entry = Arc::new(CachedKey { record, principal });
+        self.by_hash.insert(entry.record.hash, Arc::clone(&entry));
+        self.by_id.insert(entry.record.id.clone(), entry);
+    }
+
+    fn pending_requests(&self, key_id: &str) -> u64 {
+        self.usage
+            .get(key_id)
+            .map_or(0, |u| u.requests.load(Ordering::Relaxed))
+    }
+}
+
+fn principal_for(record: &KeyRecord, usage: Arc<UsageCell>) -> Principal {
+    Principal {
+        key_id: record.id.clone(),
+        key_prefix: Some(record.prefix.clone()),
+        name: record.name.clone(),
+        tenant: record.tenant.clone(),
+        env: record.env,
+        // Stored names were validated on the way in; an unknown one grants nothing.
+        scopes: record
+            .scopes
+            .iter()
+            .filter_map(|s| ScopeSet::parse(&[s]).ok())
+            .fold(ScopeSet::EMPTY, ScopeSet::union),
+        scope_names: record.scopes.clone(),
+        source: CredentialSource::StoredKey,
+        rate_limits: record.rate_limits.clone(),
+        allowed_ips: record
+            .allowed_ips
+            .iter()
+            .filter_map(|s| s.parse::<IpNet>().ok())
+            .collect(),
+        expires_at: record.expires_at,
+        quota_id: Some(record.quota_id.clone()),
+        usage: Some(usage),
+    }
+}
+
+pub struct KeyService {
+    store: Arc<dyn KeyStore>,
+    cache: RwLock<KeyCache>,
+    /// Single flight for cache-miss refreshes; holds when the last one ran.
+    miss_refresh: tokio::sync::Mutex<Option<Instant>>,
+    /// Serialises this node's read-modify-write changes of keys.
+    writes: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for KeyService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyService").finish_non_exhaustive()
+    }
+}
+
+impl KeyService {
+    /// Loads every key into memory.
+    pub async fn load(store: Arc<dyn KeyStore>) -> Result<KeyService, StoreError> {
+        let service = KeyService {
+            store,
+            cache: RwLock::new(KeyCache::default()),
+            miss_refresh: tokio::sync::Mutex::new(None),
+            writes: tokio::sync::Mutex::new(()),
+        };
+        service.sync().await?;
+        Ok(service)
+    }
+
+    // ---- the hot path ----
+
+    /// Verifies a sandgate key. `Ok(None)`: not a sandgate key, another source may know it.
+    pub async fn verify(&self, credential: &str) -> Result<Option<Arc<Principal>>, Denied> {
+        match format::classify(credential) {
+            KeyShape::Foreign => return Ok(None),
+            KeyShape::Corrupt => return Err(AuthFailure::Malformed.into()),
+            KeyShape::Valid(_) => {}
+        }
+        let hash = format::hash_key(credential);
+        let now = Timestamp::now();
+        if let Some(found) = self.lookup(&hash, now) {
+            return found.map(Some);
+        }
+        self.refresh_on_miss().await;
+        self.lookup(&hash, now)
+            .unwrap_or(Err(AuthFailure::Unknown.into()))
+            .map(Some)
+    }
+
+    fn lookup(&self, hash: &KeyHash, now: Timestamp) -> Option<Result<Arc<Principal>, Denied>> {
+        let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+        let entry = cache.by_hash.get(hash)?;
+        // The map already matched on the hash; compare again in constant time so no
+        // code path ever decides on a short-circuiting comparison of secrets.
+        if !bool::from(entry.record.hash.ct_eq(hash)) {
+            return Some(Err(AuthFailure::Unknown.into()));
+        }
+        let refuse = |failure| {
+            Err(Denied {
+                failure,
+                key: Some(Arc::clone(&entry.principal)),
+            })
+        };
+        Some(if entry.record.revoked_at.is_some() {
+            refuse(AuthFailure::Revoked)
+        } else if entry.record.expires_at.is_some_and(|e| e <= now) {
+            refuse(AuthFailure::Expired)
+        } else {
+            Ok(Arc::clone(&entry.principal))
+        })
+    }
+
+    async fn refresh_on_miss(&self) {
+        let mut last = self.miss_refresh.lock().await;
+        if last.is_some_and(|t| t.elapsed() < MISS_REFRESH_INTERVAL) {
+            return;
+        }
+        if let Err(e) = self.sync().await {
+            tracing::warn!(error = %e, "key cache refresh failed");
+        }
+        *last = Some(Instant::now());
+    }
+
+    // ---- keeping the cache true ----
+
+    /// Applies every change committed since the last sync (by any process).
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let rev = self.cache.read().unwrap_or_else(|p| p.into_inner()).rev;
+        let changes = self.store.changes_since(rev).await?;
+        if changes.rev != rev {
+            self.cache
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .apply(changes);
+        }
+        Ok(())
+    }
+
+    async fn publish(&self) -> Result<(), KeyError> {
+        self.sync().await.map_err(KeyError::from)
+    }
+
+    /// Writes counted requests and last-use times to the store.
+    pub async fn flush_usage(&self) -> Result<(), StoreError> {
+        let now = Timestamp::now();
+        let batch: Vec<(Arc<UsageCell>, KeyUsage)> = {
+            let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+            cache
+                .usage
+                .iter()
+                .filter_map(|(id, cell)| {
+                    let requests = cell.requests.swap(0, Ordering::Relaxed);
+                    let last = cell.last_used_ms.load(Ordering::Relaxed);
+                    (requests > 0).then(|| {
+                        let usage = KeyUsage {
+                            key_id: id.clone(),
+                            requests,
+                            last_used_at: Timestamp::from_millis(if last > 0 {
+                                last
+                            } else {
+                                now.millis()
+                            }),
+                        };
+                        (Arc::clone(cell), usage)
+                    })
+                })
+                .collect()
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<KeyUsage> = batch.iter().map(|(_, u)| u.clone()).collect();
+        if let Err(e) = self.store.add_key_usage(&rows).await {
+            // Put the counts back for the next flush: nothing is lost on a failed write.
+            for (cell, u) in &batch {
+                cell.requests.fetch_add(u.requests, Ordering::Relaxed);
+            }
+            return Err(e);
+        }
+        // Reflect the flushed counts in the cached records.
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        for u in rows {
+            if let Some(entry) = cache.by_id.get(&u.key_id) {
+                let mut record = entry.record.clone();
+                record.request_count += u.requests;
+                record.last_used_at = record.last_used_at.max(Some(u.last_used_at));
+                cache.put(record);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a `key.expired` event for each key whose expiry has passed unrecorded.
+    pub async fn record_expired_keys(&self) -> Result<usize, StoreError> {
+        let now = Timestamp::now();
+        let expired: Vec<KeyRecord> = {
+            let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+            cache
+                .by_id
+                .values()
+                .filter(|e| {
+                    let r = &e.record;
+                    !r.expiry_recorded
+                        && r.revoked_at.is_none()
+                        && r.expires_at.is_some_and(|t| t <= now)
+                })
+                .map(|e| e.record.clone())
+                .collect()
+        };
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<String> = expired.iter().map(|r| r.id.clone()).collect();
+        let audit: Vec<AuditRecord> = expired
+            .iter()
+            .map(|r| {
+                let mut row = lifecycle_row("key.expired", r, None, &RequestContext::default());
+                row.time = r.expires_at.unwrap_or(now);
+                row
+            })
+            .collect();
+        self.store.record_expiries(&ids, &audit).await?;
+        self.sync().await?;
+        Ok(ids.len())
+    }
+
+    // ---- reads ----
+
+    pub fn whoami(&self, p: &Principal) -> WhoAmI {
+        let quota = p
+            .quota_id
+            .as_deref()
+            .map(|q| self.quota(q))
+            .unwrap_or(UNLIMITED);
+        WhoAmI {
+            key_id: p.key_id.clone(),
+            name: p.name.clone(),
+            prefix: p.key_prefix.clone(),
+            tenant: p.tenant.clone(),
+            env: p.env,
+            scopes: p.scope_names.clone(),
+            expires_at: p.expires_at,
+            rate_limits: p.rate_limits.clone(),
+            allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+            executions_limit: quota.limit,
+            executions_remaining: quota.remaining,
+        }
+    }
+
+    fn quota(&self, quota_id: &str) -> QuotaRecord {
+        self.cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .quotas
+            .get(quota_id)
+            .copied()
+            .unwrap_or(UNLIMITED)
+    }
+
+    fn view(&self, record: &KeyRecord) -> KeyView {
+        let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+        let quota = cache
+            .quotas
+            .get(&record.quota_id)
+            .copied()
+            .unwrap_or(UNLIMITED);
+        KeyView::new(
+            record,
+            quota,
+            cache.pending_requests(&record.id),
+            Timestamp::now(),
+        )
+    }
+
+    pub async fn list_keys(&self, actor: &Principal) -> Result<Vec<KeyView>, KeyError> {
+        let records = self.store.list_keys().await?;
+        Ok(records
+            .iter()
+            .filter(|r| actor.can_see(&r.tenant, r.env))
+            .map(|r| self.view(r))
+            .collect())
+    }
+
+    pub async fn get_key(&self, actor: &Principal, id: &str) -> Result<KeyView, KeyError> {
+        let record = self.visible_key(actor, id).await?;
+        Ok(self.view(&record))
+    }
+
+    async fn visible_key(&self, actor: &Principal, id: &str) -> Result<KeyRecord, KeyError> {
+        match self.store.get_key(id).await? {
+            Some(r) if actor.can_see(&r.tenant, r.env) => Ok(r),
+            _ => Err(KeyError::NotFound),
+        }
+    }
+
+    /// A key the actor may change: visible, and holding no scope the actor lacks.
+    async fn manageable_key(&self, actor: &Principal, id: &str) -> Result<KeyRecord, KeyError> {
+        let record = self.visible_key(actor, id).await?;
+        let granted = ScopeSet::parse(&record.scopes).unwrap_or(ScopeSet::all());
+        require_superset(actor, granted, "manage a key with scopes you do not hold")?;
+        Ok(record)
+    }
+
+    // ---- the lifecycle ----
+
+    /// Creates the first admin key when the store holds none. Returns it, once.
+    pub async fn bootstrap_admin(&self) -> Result<Option<CreatedKey>, KeyError> {
+        let _guard = self.writes.lock().await;
+        if self.store.count_keys().await? > 0 {
+            return Ok(None);
+        }
+        let req = CreateKeyRequest {
+            name: "admin".into(),
+            description: Some("created at first start".into()),
+            scopes: Some(vec!["*".into()]),
+            ..CreateKeyRequest::default()
+        };
+        let created = self
+            .insert_new_key(
+                &Principal::local_operator(),
+                &RequestContext::default(),
+                req,
+            )
+            .await?;
+        Ok(Some(created))
+    }
+
+    pub async fn create_key(
+        &self,
+        actor: &Principal,
+        ctx: &RequestContext,
+        req: CreateKeyRequest,
+    ) -> Result<CreatedKey, KeyError> {
+        let _guard = self.writes.lock().await;
+        self.insert_new_key(actor, ctx, req).await
+    }
+
+    async fn insert_new_key(
+        &self,
+        actor: &Principal,
+        ctx: &RequestContext,
+        req: CreateKeyRequest,
+    ) -> Result<CreatedKey, KeyError> {
+        let now = Timestamp::now();
+        let name = api::validate_name(&req.name)?;
+        let description = api::validate_description(req.description)?;
+        let tenant = req.tenant.unwrap_or_else(|| actor.tenant.clone());
+        api::validate_tenant(&tenant)?;
+        let env = req.env.unwrap_or(actor.env);
+        if (tenant != actor.tenant || env != actor.env) && !actor.has(Scope::TenantsManage) {
+            return Err(forbidden(
+                Scope::TenantsManage,
+                "only a key with tenants:manage may create keys for another tenant or env",
+            ));
+        }
+        let (scopes, granted) = api::resolve_scopes(req.scopes, req.profile)?
+            .unwrap_or_else(|| api::profile_scopes(Profile::SandboxUser));
+        require_superset(actor, granted, "grant scopes you do not hold")?;
+        let expires_at = match (req.expires_at, req.expires_in_sec) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    invalid("expiresInSec", "give either expiresAt or expiresInSec").into(),
+                );
+            }
+            (Some(at), None) => Some(at),
+            (None, Some(secs)) => Some(now.plus_secs(bounded_secs("expiresInSec", secs)?)),
+            (None, None) => None,
+        };
+        let expires_at = bounded_expiry(actor, expires_at, now, "expiresAt")?;
+        let rate_limits = api::validate_rate_limits(req.rate_limits.unwrap_or_default())?;
+        let allowed_ips = api::validate_allowed_ips(req.allowed_ips.unwrap_or_default())?;
+        let metadata = api::validate_metadata(req.metadata.unwrap_or_default())?;
+
+        let secret = format::generate_key(env);
+        let quota_id = format::random_id("quota_", 20);
+        let record = KeyRecord {
+            id: format::random_id("key_", 24),
+            name,
+            description,
+            env,
+            tenant,
+            scopes,
+            prefix: format::prefix_of(secret.expose())
+                .unwrap_or_default()
+                .to_owned(),
+            hash: format::hash_key(secret.expose()),
+            created_at: now,
+            expires_at,
+            revoked_at: None,
+            last_used_at: None,
+            request_count: 0,
+            rate_limits,
+            allowed_ips,
+            metadata,
+            quota_id: quota_id.clone(),
+            rotated_from: None,
+            created_by: actor_id(actor),
+            expiry_recorded: false,
+        };
+        let quota = QuotaRecord {
+            limit: req.executions_limit,
+            remaining: req.executions_limit,
+        };
+        let audit = lifecycle_row("key.created", &record, Some(actor), ctx);
+        self.store
+            .save_keys(
+                std::slice::from_ref(&record),
+                &[(quota_id, quota)],
+                &[audit],
+            )
+            .await?;
+        self.publish().await?;
+        Ok(CreatedKey {
+            key: self.view(&record),
+            secret: secret.expose().to_owned(),
+        })
+    }
+
+    pub async fn update_key(
+        &self,
+        actor: &Principal,
+        ctx: &RequestContext,
+        id: &str,
+        req: UpdateKeyRequest,
+    ) -> Result<KeyView, KeyError> {
+        let _guard = self.writes.lock().await;
+        let mut record = self.manageable_key(actor, id).await?;
+        if record.revoked_at.is_some() {
+            return Err(KeyError::Conflict("a revoked key cannot be changed".into()));
+        }
+        if let Some(name) = req.name {
+            record.name = api::validate_name(&name)?;
+        }
+        if let Some(description) = req.description {
+            record.description = api::validate_description(description)?;
+        }
+        if let Some((scopes, granted)) = api::resolve_scopes(req.scopes, req.profile)? {
+            require_superset(actor, granted, "grant scopes you do not hold")?;
+            record.scopes = scopes;
+        }
+        if let Some(limits) = req.rate_limits {
+            record.rate_limits = api::validate_rate_limits(limits)?;
+        }
+        if let Some(ips) = req.allowed_ips {
+            record.allowed_ips = api::validate_allowed_ips(ips)?;
+        }
+        if let Some(metadata) = req.metadata {
+            record.metadata = api::validate_metadata(metadata)?;
+        }
+        if let Some(expires_at) = req.expires_at {
+            record.expires_at = bounded_expiry(actor, expires_at, Timestamp::now(), "expiresAt")?;
+            record.expiry_recorded = false;
+        }
+        let audit = lifecycle_row("key.updated", &record, Some(actor), ctx);
+        if let Some(limit) = req.executions_limit {
+            self.store
+                .change_quota(&record.quota_id, QuotaChange::SetLimit(limit), &[])
+                .await?;
+        }
+        self.store
+            .save_keys(&[record.clone()], &[], &[audit])
+            .await?;
+        self.publish().await?;
+        Ok(self.view(&record))
+    }
+
+    pub async fn revoke_key(
+        &self,
+        actor: &Principal,
+        ctx: &RequestContext,
+        id: &str,
+    ) -> Result<(), KeyError> {
+        let _guard = self.writes.lock().await;
+        let mut record = self.manageable_key(actor, id).await?;
+        if record.revoked_at.is_some() {
+            return Ok(());
+        }
+        record.revoked_at = Some(Timestamp::now());
+        let audit = lifecycle_row("key.revoked", &record, Some(actor), ctx);
+        self.store.save_keys(&[record], &[], &[audit]).await?;
+        self.publish().await
+    }
+
+    /// Issues a new key with the same settings; the old one works for `grace_sec` more
+    /// (never past its own expiry). Both share one executions counter.
+    pub async fn rotate_key(
+        &self,
+        actor: &Principal,
+        ctx: &RequestContext,
+        id: &str,
+        grace_sec: Option<u64>,
+    ) -> Result<CreatedKey, KeyError> {
+        let _guard = self.writes.lock().await;
+        let now = Timestamp::now();
+        let grace = bounded_secs("gracePeriodSec", grace_sec.unwrap_or(DEFAULT_GRACE_SEC))?;
+        let mut old = self.manageable_key(actor, id).await?;
+        if !old.is_active_at(now) {
+            return Err(KeyError::Conflict(
+                "only an active key can be rotated".into(),
+            ));
+        }
+        let secret = format::generate_key(old.env);
+        let new = KeyRecord {
+            id: format::random_id("key_", 24),
+            prefix: format::prefix_of(secret.expose())
+                .unwrap_or_default()
+                .to_owned(),
+            hash: format::hash_key(secret.expose()),
+            created_at: now,
+            last_used_at: None,
+            request_count: 0,
+            rotated_from: Some(old.id.clone()),
+            created_by: actor_id(actor),
+            expiry_recorded: false,
+            ..old.clone()
+        };
+        let grace_end = now.plus_secs(grace);
+        old.expires_at = Some(old.expires_at.map_or(grace_end, |e| e.min(grace_end)));
+        let mut rotated = lifecycle_row("key.rotated", &old, Some(actor), ctx);
+        rotated.reason = Some(format!("replaced by {}", new.id));
+        let created = lifecycle_row("key.created", &new, Some(actor), ctx);
+        self.store
+            .save_keys(&[old, new.clone()], &[], &[rotated, created])
+            .await?;
+        self.publish().await?;
+        Ok(CreatedKey {
+            key: self.view(&new),
+            secret: secret.expose().to_owned(),
+        })
+    }
+
+    pub async fn reset_executions(
+        &self,
+        actor: &Principal,
+        ctx: &RequestContext,
+        id: &str,
+        remaining: Option<u64>,
+    ) -> Result<KeyView, KeyError> {
+        let _guard = self.writes.lock().await;
+        let record = self.visible_key(actor, id).await?;
+        let mut audit = lifecycle_row("key.updated", &record, Some(actor), ctx);
+        audit.reason = Some("executions reset".into());
+        self.store
+            .change_quota(&record.quota_id, QuotaChange::Reset(remaining), &[audit])
+            .await?;
+        self.publish().await?;
+        Ok(self.view(&record))
+    }
+}
+
+const UNLIMITED: QuotaRecord = QuotaRecord {
+    limit: None,
+    remaining: None,
+};
+
+fn actor_id(actor: &Principal) -> Option<String> {
+    (actor.source != CredentialSource::LocalOperator).then(|| actor.key_id.clone())
+}
+
+fn forbidden(scope: Scope, message: &str) -> KeyError {
+    KeyError::Forbidden {
+        required_scope: scope,
+        message: message.to_owned(),
+    }
+}
+
+fn require_superset(actor: &Principal, wanted: ScopeSet, what: &str) -> Result<(), KeyError> {
+    match wanted.iter().find(|s| !actor.has(*s)) {
+        None => Ok(()),
+        Some(missing) => Err(forbidden(
+            missing,
+            &format!("cannot {what}: missing scope {missing}"),
+        )),
+    }
+}
+
+fn bounded_secs(field: &'static str, secs: u64) -> Result<i64, InvalidField> {
+    if secs > MAX_DURATION_SEC {
+        return Err(invalid(
+            field,
+            format!("{field} must be at most {MAX_DURATION_SEC}"),
+        ));
+    }
+    Ok(secs as i64)
+}
+
+/// A key never outlives the key that made it, and never expires in the past.
+fn bounded_expiry(
+    actor: &Principal,
+    wanted: Option<Timestamp>,
+    now: Timestamp,
+    field: &'static str,
+) -> Result<Option<Timestamp>, KeyError> {
+    if wanted.is_some_and(|t| t <= now) {
+        return Err(invalid(field, format!("{field} must be in the future")).into());
+    }
+    match (actor.expires_at, wanted) {
+        (Some(limit), Some(t)) if t > limit => Err(forbidden(
+            Scope::TenantsManage,
+            "a key cannot outlive the key that manages it",
+        )),
+        (Some(limit), None) => Ok(Some(limit)),
+        (_, wanted) => Ok(wanted),
+    }
+}
+
+fn lifecycle_row(
+    event: &str,
+    key: &KeyRecord,
+    actor: Option<&Principal>,
+    ctx: &RequestContext,
+) -> AuditRecord {
+    AuditRecord {
+        seq: 0,
+        time: Timestamp::now(),
+        event: event.to_owned(),
+        client_ip: ctx.client_ip.clone(),
+        method: ctx.method.clone(),
+        path: ctx.path.clone(),
+        key_id: Some(key.id.clone()),
+        key_prefix: Some(key.prefix.clone()),
+        actor_key_id: actor.map(|a| match a.source {
+            CredentialSource::LocalOperator => "local-operator".to_owned(),
+            _ => a.key_id.clone(),
+        }),
+        tenant: Some(key.tenant.clone()),
+        env: Some(key.env),
+        outcome: Outcome::Allowed,
+        reason: None,
+        request_id: ctx.request_id.clone(),
+    }
+}
+
+/// The audit row of one authentication attempt. `principal` is the key presented
+/// when it is known (even when refused as expired); `presented_prefix` otherwise.
+pub fn auth_row(
+    ctx: &RequestContext,
+    principal: Option<&Principal>,
+    presented_prefix: Option<&str>,
+    outcome: Outcome,
+    reason: Option<&str>,
+) -> AuditRecord {
+    AuditRecord {
+        seq: 0,
+        time: Timestamp::now(),
+        event: "auth".to_owned(),
+        client_ip: ctx.client_ip.clone(),
+        method: ctx.method.clone(),
+        path: ctx.path.clone(),
+        key_id: principal.map(|p| p.key_id.clone()),
+        key_prefix: principal
+            .and_then(|p| p.key_prefix.clone())
+            .or_else(|| presented_prefix.map(str::to_owned)),
+        actor_key_id: None,
+        tenant: principal.map(|p| p.tenant.clone()),
+        env: principal.map(|p| p.env),
+        outcome,
+        reason: reason.map(str::to_owned),
+        request_id: ctx.request_id.clone(),
+    }
+}

@@ -1,0 +1,11 @@
+//! sandgate's domain: keys and credentials, scopes, principals, audit, and the
+//! storage traits with their backends. No HTTP here: the server crate maps these
+//! types onto routes and status codes.
+
+pub mod audit;
+pub mod keys;
+pub mod model;
+pub mod net;
+pub mod principal;
+pub mod scopes;
+pub mod store;

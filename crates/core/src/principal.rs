@@ -1,0 +1,88 @@
+//! Who is calling: the result of authentication, read by policy, limits and services.
+//!
+//! A [`Principal`] is built once per key (when the key is loaded into the cache),
+//! and shared by `Arc` with every request that presents that key.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::model::{Env, RateLimit, Timestamp};
+use crate::net::IpNet;
+use crate::scopes::{Scope, ScopeSet};
+
+/// Where a principal's credential came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// A key in the key store.
+    StoredKey,
+    /// The local operator running `sandgate keys --data-dir` (no credential at all).
+    LocalOperator,
+}
+
+#[derive(Debug)]
+pub struct Principal {
+    pub key_id: String,
+    /// The first 12 characters of the key, when the credential is a sandgate key.
+    pub key_prefix: Option<String>,
+    pub name: String,
+    pub tenant: String,
+    pub env: Env,
+    pub scopes: ScopeSet,
+    /// The scope names as granted, for display.
+    pub scope_names: Vec<String>,
+    pub source: CredentialSource,
+    pub rate_limits: Vec<RateLimit>,
+    pub allowed_ips: Vec<IpNet>,
+    pub expires_at: Option<Timestamp>,
+    /// The executions counter this principal draws from, if any.
+    pub quota_id: Option<String>,
+    /// Request counting, flushed to storage off the hot path.
+    pub usage: Option<Arc<UsageCell>>,
+}
+
+impl Principal {
+    pub fn has(&self, scope: Scope) -> bool {
+        self.scopes.contains(scope)
+    }
+
+    /// Whether this principal may see objects of `tenant` + `env`.
+    pub fn can_see(&self, tenant: &str, env: Env) -> bool {
+        self.has(Scope::TenantsManage) || (self.tenant == tenant && self.env == env)
+    }
+
+    /// The all-powerful local operator of `sandgate keys --data-dir`.
+    pub fn local_operator() -> Principal {
+        Principal {
+            key_id: "local-operator".into(),
+            key_prefix: None,
+            name: "local operator".into(),
+            tenant: "default".into(),
+            env: Env::Live,
+            scopes: ScopeSet::all(),
+            scope_names: vec!["*".into()],
+            source: CredentialSource::LocalOperator,
+            rate_limits: Vec::new(),
+            allowed_ips: Vec::new(),
+            expires_at: None,
+            quota_id: None,
+            usage: None,
+        }
+    }
+
+    /// Counts one request made with this principal's key.
+    pub fn record_use(&self, now: Timestamp) {
+        if let Some(usage) = &self.usage {
+            usage.requests.fetch_add(1, Ordering::Relaxed);
+            usage
+                .last_used_ms
+                .fetch_max(now.millis(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Requests counted in memory since the last flush, per key.
+#[derive(Debug, Default)]
+pub struct UsageCell {
+    pub requests: AtomicU64,
+    pub last_used_ms: AtomicI64,
+}

@@ -1,0 +1,102 @@
+//! Storage traits, one per kind of state, and their backends.
+//!
+//! Services talk to `dyn KeyStore` / `dyn AuditStore` only; SQL lives in the
+//! backends (`sqlite` today, PostgreSQL later). Every mutating call is one
+//! transaction: a key change and the audit rows that describe it commit together
+//! or not at all. Backends never decide policy.
+
+use async_trait::async_trait;
+
+use crate::model::{AuditQuery, AuditRecord, KeyRecord, QuotaRecord, Timestamp};
+
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("stored row is corrupt: {0}")]
+    Corrupt(String),
+    #[error("a key with this hash already exists")]
+    DuplicateKey,
+    #[error("no quota `{0}`")]
+    NoQuota(String),
+}
+
+/// Request-count and last-use increments gathered off the hot path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub key_id: String,
+    pub requests: u64,
+    pub last_used_at: Timestamp,
+}
+
+/// What changed since a revision: the cache applies it and remembers `rev`.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    pub keys: Vec<KeyRecord>,
+    pub quotas: Vec<(String, QuotaRecord)>,
+    pub rev: i64,
+}
+
+/// How a quota's counter changes, applied atomically against concurrent use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaChange {
+    /// A new limit (`None` = unlimited); `remaining` moves by the difference, never below 0.
+    SetLimit(Option<u64>),
+    /// Set `remaining` outright (`None` = back to the limit).
+    Reset(Option<u64>),
+}
+
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Inserts or replaces keys (usage columns untouched), creates missing quotas with
+    /// the given values, and appends audit rows, in one transaction.
+    async fn save_keys(
+        &self,
+        keys: &[KeyRecord],
+        new_quotas: &[(String, QuotaRecord)],
+        audit: &[AuditRecord],
+    ) -> Result<(), StoreError>;
+
+    async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
+
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+
+    async fn count_keys(&self) -> Result<u64, StoreError>;
+
+    /// Keys and quotas changed after `rev` (0 = everything).
+    async fn changes_since(&self, rev: i64) -> Result<Changes, StoreError>;
+
+    async fn add_key_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError>;
+
+    async fn get_quota(&self, quota_id: &str) -> Result<QuotaRecord, StoreError>;
+
+    /// Applies `change` and appends `audit` in one transaction; returns the new state.
+    async fn change_quota(
+        &self,
+        quota_id: &str,
+        change: QuotaChange,
+        audit: &[AuditRecord],
+    ) -> Result<QuotaRecord, StoreError>;
+
+    /// Marks keys whose `key.expired` event is written, with that event, atomically.
+    async fn record_expiries(
+        &self,
+        key_ids: &[String],
+        audit: &[AuditRecord],
+    ) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+pub trait AuditStore: Send + Sync + 'static {
+    async fn append_audit(&self, rows: &[AuditRecord]) -> Result<(), StoreError>;
+
+    /// Newest first.
+    async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Whether the store answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+}

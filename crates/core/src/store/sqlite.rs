@@ -1,0 +1,678 @@
+//! The embedded SQLite backend: one file in the data dir, WAL, `synchronous=FULL`.
+//!
+//! Every call runs on tokio's blocking pool against one connection. Several
+//! processes may open the same file (the server and an offline `sandgate keys`):
+//! write transactions are `IMMEDIATE` and wait on the lock, and a global revision
+//! counter in `meta` lets each process see what the others changed.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+
+use super::{AuditStore, Changes, KeyStore, KeyUsage, QuotaChange, StoreError};
+use crate::model::{AuditQuery, AuditRecord, Env, KeyRecord, Outcome, QuotaRecord, Timestamp};
+
+/// Schema versions, applied in order; `PRAGMA user_version` says how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta (name, value) VALUES ('rev', 0);
+CREATE TABLE quotas (
+    id TEXT PRIMARY KEY,
+    lim INTEGER,
+    remaining INTEGER,
+    rev INTEGER NOT NULL
+);
+CREATE INDEX quotas_rev ON quotas (rev);
+CREATE TABLE api_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    description TEXT,
+    env TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    prefix TEXT NOT NULL,
+    hash BLOB NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    revoked_at INTEGER,
+    last_used_at INTEGER,
+    request_count INTEGER NOT NULL DEFAULT 0,
+    rate_limits TEXT NOT NULL,
+    allowed_ips TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    quota_id TEXT NOT NULL REFERENCES quotas (id),
+    rotated_from TEXT,
+    created_by TEXT,
+    expiry_recorded INTEGER NOT NULL DEFAULT 0,
+    rev INTEGER NOT NULL
+);
+CREATE INDEX api_keys_rev ON api_keys (rev);
+CREATE TABLE audit_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    client_ip TEXT,
+    method TEXT,
+    path TEXT,
+    key_id TEXT,
+    key_prefix TEXT,
+    actor_key_id TEXT,
+    tenant TEXT,
+    env TEXT,
+    outcome TEXT NOT NULL,
+    reason TEXT,
+    request_id TEXT
+);
+CREATE INDEX audit_log_tenant ON audit_log (tenant, env, seq);
+CREATE INDEX audit_log_key ON audit_log (key_id, seq);
+"#];
+
+const KEY_COLUMNS: &str = "id, name, description, env, tenant, scopes, prefix, hash, created_at, \
+     expires_at, revoked_at, last_used_at, request_count, rate_limits, allowed_ips, metadata, \
+     quota_id, rotated_from, created_by, expiry_recorded";
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `sandgate.db` in `data_dir` and runs pending migrations.
+    pub fn open(data_dir: &Path) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::Database(format!("create {}: {e}", data_dir.display())))?;
+        restrict_permissions(data_dir);
+        let path = data_dir.join("sandgate.db");
+        let mut conn = Connection::open(&path).map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db)?;
+        // WAL: readers never block the writer; FULL: a commit is on disk before it returns.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+        migrate(&mut conn)?;
+        restrict_permissions(&path);
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with_conn<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Database(format!("storage task failed: {e}")))?
+    }
+
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.with_conn(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let out = f(&tx)?;
+            tx.commit().map_err(db)?;
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// The data dir holds key hashes and audit rows: owner only.
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if path.is_dir() { 0o700 } else { 0o600 };
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db)?;
+    let version: usize = tx
+        .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
+        .map_err(db)? as usize;
+    if version > MIGRATIONS.len() {
+        return Err(StoreError::Database(format!(
+            "database schema version {version} is newer than this binary ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for sql in &MIGRATIONS[version..] {
+        tx.execute_batch(sql).map_err(db)?;
+    }
+    tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)
+        .map_err(db)?;
+    tx.commit().map_err(db)
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+fn next_rev(tx: &Transaction<'_>) -> Result<i64, StoreError> {
+    tx.query_row(
+        "UPDATE meta SET value = value + 1 WHERE name = 'rev' RETURNING value",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(db)
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain data serializes")
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn u64_to_sql(v: Option<u64>) -> Option<i64> {
+    v.map(|n| i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+fn sql_to_u64(v: Option<i64>) -> Option<u64> {
+    v.map(|n| n.max(0) as u64)
+}
+
+/// Raw columns of a key row; decoded outside rusqlite's closure so JSON errors surface.
+struct KeyRow {
+    cols: (
+        String,
+        String,
+        Option<String>,
+        String,
+        String,
+        String,
+        String,
+    ),
+    hash: Vec<u8>,
+    times: (i64, Option<i64>, Option<i64>, Option<i64>, i64),
+    json: (String, String, String),
+    links: (String, Option<String>, Option<String>, bool),
+}
+
+fn read_key_row(r: &Row<'_>) -> rusqlite::Result<KeyRow> {
+    Ok(KeyRow {
+        cols: (
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            r.get(6)?,
+        ),
+        hash: r.get(7)?,
+        times: (r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?, r.get(12)?),
+        json: (r.get(13)?, r.get(14)?, r.get(15)?),
+        links: (r.get(16)?, r.get(17)?, r.get(18)?, r.get(19)?),
+    })
+}
+
+fn decode_key(row: KeyRow) -> Result<KeyRecord, StoreError> {
+    let (id, name, description, env, tenant, scopes, prefix) = row.cols;
+    let env: Env = env.parse().map_err(StoreError::Corrupt)?;
+    let hash: [u8; 32] = row
+        .hash
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("key {id}: hash length")))?;
+    let (created_at, expires_at, revoked_at, last_used_at, request_count) = row.times;
+    let (rate_limits, allowed_ips, metadata) = row.json;
+    let (quota_id, rotated_from, created_by, expiry_recorded) = row.links;
+    Ok(KeyRecord {
+        scopes: from_json(&scopes, "scopes")?,
+        rate_limits: from_json(&rate_limits, "rate_limits")?,
+        allowed_ips: from_json(&allowed_ips, "allowed_ips")?,
+        metadata: from_json(&metadata, "metadata")?,
+        id,
+        name,
+        description,
+        env,
+        tenant,
+        prefix,
+        hash,
+        created_at: Timestamp::from_millis(created_at),
+        expires_at: expires_at.map(Timestamp::from_millis),
+        revoked_at: revoked_at.map(Timestamp::from_millis),
+        last_used_at: last_used_at.map(Timestamp::from_millis),
+        request_count: request_count.max(0) as u64,
+        quota_id,
+        rotated_from,
+        created_by,
+        expiry_recorded,
+    })
+}
+
+fn query_keys(
+    conn: &Connection,
+    where_clause: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<KeyRecord>, StoreError> {
+    let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys {where_clause}");
+    let mut stmt = conn.prepare_cached(&sql).map_err(db)?;
+    let rows = stmt
+        .query_map(params, read_key_row)
+        .map_err(db)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(db)?;
+    rows.into_iter().map(decode_key).collect()
+}
+
+fn insert_audit(tx: &Transaction<'_>, rows: &[AuditRecord]) -> Result<(), StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT INTO audit_log (time, event, client_ip, method, path, key_id, key_prefix, \
+             actor_key_id, tenant, env, outcome, reason, request_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )
+        .map_err(db)?;
+    for a in rows {
+        stmt.execute(params![
+            a.time.millis(),
+            a.event,
+            a.client_ip,
+            a.method,
+            a.path,
+            a.key_id,
+            a.key_prefix,
+            a.actor_key_id,
+            a.tenant,
+            a.env.map(Env::as_str),
+            a.outcome.as_str(),
+            a.reason,
+            a.request_id,
+        ])
+        .map_err(db)?;
+    }
+    Ok(())
+}
+
+fn read_quota(conn: &Connection, quota_id: &str) -> Result<QuotaRecord, StoreError> {
+    conn.query_row(
+        "SELECT lim, remaining FROM quotas WHERE id = ?1",
+        [quota_id],
+        |r| {
+            Ok(QuotaRecord {
+                limit: sql_to_u64(r.get(0)?),
+                remaining: sql_to_u64(r.get(1)?),
+            })
+        },
+    )
+    .optional()
+    .map_err(db)?
+    .ok_or_else(|| StoreError::NoQuota(quota_id.to_owned()))
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn save_keys(
+        &self,
+        keys: &[KeyRecord],
+        new_quotas: &[(String, QuotaRecord)],
+        audit: &[AuditRecord],
+    ) -> Result<(), StoreError> {
+        let keys = keys.to_vec();
+        let new_quotas = new_quotas.to_vec();
+        let audit = audit.to_vec();
+        self.write(move |tx| {
+            let rev = next_rev(tx)?;
+            for (id, q) in &new_quotas {
+                tx.execute(
+                    "INSERT OR IGNORE INTO quotas (id, lim, remaining, rev) VALUES (?1, ?2, ?3, ?4)",
+                    params![id, u64_to_sql(q.limit), u64_to_sql(q.remaining), rev],
+                )
+                .map_err(db)?;
+            }
+            let mut stmt = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO api_keys ({KEY_COLUMNS}, rev) VALUES \
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL, 0, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19) \
+                     ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
+                     description = excluded.description, scopes = excluded.scopes, \
+                     expires_at = excluded.expires_at, revoked_at = excluded.revoked_at, \
+                     rate_limits = excluded.rate_limits, allowed_ips = excluded.allowed_ips, \
+                     metadata = excluded.metadata, expiry_recorded = excluded.expiry_recorded, \
+                     rev = excluded.rev"
+                ))
+                .map_err(db)?;
+            for k in &keys {
+                stmt.execute(params![
+                    k.id,
+                    k.name,
+                    k.description,
+                    k.env.as_str(),
+                    k.tenant,
+                    to_json(&k.scopes),
+                    k.prefix,
+                    &k.hash[..],
+                    k.created_at.millis(),
+                    k.expires_at.map(Timestamp::millis),
+                    k.revoked_at.map(Timestamp::millis),
+                    to_json(&k.rate_limits),
+                    to_json(&k.allowed_ips),
+                    to_json(&k.metadata),
+                    k.quota_id,
+                    k.rotated_from,
+                    k.created_by,
+                    k.expiry_recorded,
+                    rev,
+                ])
+                .map_err(|e| match e {
+                    rusqlite::Error::SqliteFailure(f, ref msg)
+                        if f.code == rusqlite::ErrorCode::ConstraintViolation
+                            && msg.as_deref().is_some_and(|m| m.contains("hash")) =>
+                    {
+                        StoreError::DuplicateKey
+                    }
+                    other => db(other),
+                })?;
+            }
+            insert_audit(tx, &audit)
+        })
+        .await
+    }
+
+    async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let id = id.to_owned();
+        self.with_conn(move |conn| Ok(query_keys(conn, "WHERE id = ?1", [id])?.pop()))
+            .await
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.with_conn(|conn| query_keys(conn, "ORDER BY created_at, id", []))
+            .await
+    }
+
+    async fn count_keys(&self) -> Result<u64, StoreError> {
+        self.with_conn(|conn| {
+            conn.query_row("SELECT count(*) FROM api_keys", [], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(db)
+        })
+        .await
+    }
+
+    async fn changes_since(&self, rev: i64) -> Result<Changes, StoreError> {
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(db)?;
+            let now: i64 = tx
+                .query_row("SELECT value FROM meta WHERE name = 'rev'", [], |r| {
+                    r.get(0)
+                })
+                .map_err(db)?;
+            if now == rev {
+                return Ok(Changes {
+                    rev,
+                    ..Changes::default()
+                });
+            }
+            let keys = query_keys(&tx, "WHERE rev > ?1", [rev])?;
+            let mut stmt = tx
+                .prepare_cached("SELECT id, lim, remaining FROM quotas WHERE rev > ?1")
+                .map_err(db)?;
+            let quotas = stmt
+                .query_map([rev], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        QuotaRecord {
+                            limit: sql_to_u64(r.get(1)?),
+                            remaining: sql_to_u64(r.get(2)?),
+                        },
+                    ))
+                })
+                .map_err(db)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(db)?;
+            Ok(Changes {
+                keys,
+                quotas,
+                rev: now,
+            })
+        })
+        .await
+    }
+
+    async fn add_key_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        let usage = usage.to_vec();
+        self.write(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE api_keys SET request_count = request_count + ?2, \
+                     last_used_at = max(coalesce(last_used_at, 0), ?3) WHERE id = ?1",
+                )
+                .map_err(db)?;
+            for u in &usage {
+                stmt.execute(params![
+                    u.key_id,
+                    u64_to_sql(Some(u.requests)),
+                    u.last_used_at.millis()
+                ])
+                .map_err(db)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_quota(&self, quota_id: &str) -> Result<QuotaRecord, StoreError> {
+        let quota_id = quota_id.to_owned();
+        self.with_conn(move |conn| read_quota(conn, &quota_id))
+            .await
+    }
+
+    async fn change_quota(
+        &self,
+        quota_id: &str,
+        change: QuotaChange,
+        audit: &[AuditRecord],
+    ) -> Result<QuotaRecord, StoreError> {
+        let quota_id = quota_id.to_owned();
+        let audit = audit.to_vec();
+        self.write(move |tx| {
+            let old = read_quota(tx, &quota_id)?;
+            let new = apply_quota_change(old, change);
+            let rev = next_rev(tx)?;
+            tx.execute(
+                "UPDATE quotas SET lim = ?2, remaining = ?3, rev = ?4 WHERE id = ?1",
+                params![
+                    quota_id,
+                    u64_to_sql(new.limit),
+                    u64_to_sql(new.remaining),
+                    rev
+                ],
+            )
+            .map_err(db)?;
+            insert_audit(tx, &audit)?;
+            Ok(new)
+        })
+        .await
+    }
+
+    async fn record_expiries(
+        &self,
+        key_ids: &[String],
+        audit: &[AuditRecord],
+    ) -> Result<(), StoreError> {
+        let key_ids = key_ids.to_vec();
+        let audit = audit.to_vec();
+        self.write(move |tx| {
+            let rev = next_rev(tx)?;
+            for id in &key_ids {
+                tx.execute(
+                    "UPDATE api_keys SET expiry_recorded = 1, rev = ?2 WHERE id = ?1",
+                    params![id, rev],
+                )
+                .map_err(db)?;
+            }
+            insert_audit(tx, &audit)
+        })
+        .await
+    }
+}
+
+/// The quota arithmetic, shared by every backend.
+pub fn apply_quota_change(old: QuotaRecord, change: QuotaChange) -> QuotaRecord {
+    match change {
+        QuotaChange::SetLimit(None) => QuotaRecord {
+            limit: None,
+            remaining: None,
+        },
+        QuotaChange::SetLimit(Some(limit)) => {
+            let remaining = match (old.limit, old.remaining) {
+                (Some(old_limit), Some(rem)) => {
+                    (rem as i128 + limit as i128 - old_limit as i128).clamp(0, limit as i128) as u64
+                }
+                _ => limit,
+            };
+            QuotaRecord {
+                limit: Some(limit),
+                remaining: Some(remaining),
+            }
+        }
+        QuotaChange::Reset(remaining) => QuotaRecord {
+            limit: old.limit,
+            remaining: remaining.or(old.limit),
+        },
+    }
+}
+
+fn read_audit_row(r: &Row<'_>) -> rusqlite::Result<(AuditRecord, Option<String>, String)> {
+    Ok((
+        AuditRecord {
+            seq: r.get(0)?,
+            time: Timestamp::from_millis(r.get(1)?),
+            event: r.get(2)?,
+            client_ip: r.get(3)?,
+            method: r.get(4)?,
+            path: r.get(5)?,
+            key_id: r.get(6)?,
+            key_prefix: r.get(7)?,
+            actor_key_id: r.get(8)?,
+            tenant: r.get(9)?,
+            env: None,
+            outcome: Outcome::Allowed,
+            reason: r.get(12)?,
+            request_id: r.get(13)?,
+        },
+        r.get(10)?,
+        r.get(11)?,
+    ))
+}
+
+#[async_trait]
+impl AuditStore for SqliteStore {
+    async fn append_audit(&self, rows: &[AuditRecord]) -> Result<(), StoreError> {
+        let rows = rows.to_vec();
+        self.write(move |tx| insert_audit(tx, &rows)).await
+    }
+
+    async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        let q = query.clone();
+        self.with_conn(move |conn| {
+            let mut sql = String::from(
+                "SELECT seq, time, event, client_ip, method, path, key_id, key_prefix, \
+                 actor_key_id, tenant, env, outcome, reason, request_id FROM audit_log WHERE 1 = 1",
+            );
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            let mut push = |clause: &str, v: rusqlite::types::Value| {
+                args.push(v);
+                sql.push_str(&format!(" AND {clause} ?{}", args.len()));
+            };
+            if let Some((tenant, env)) = &q.tenant_env {
+                push("tenant =", tenant.clone().into());
+                push("env =", env.as_str().to_owned().into());
+            }
+            if let Some(key_id) = &q.key_id {
+                push("key_id =", key_id.clone().into());
+            }
+            if let Some(outcome) = q.outcome {
+                push("outcome =", outcome.as_str().to_owned().into());
+            }
+            if let Some(event) = &q.event {
+                push("event =", event.clone().into());
+            }
+            if let Some(before) = q.before_seq {
+                push("seq <", before.into());
+            }
+            sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", q.limit));
+            let mut stmt = conn.prepare(&sql).map_err(db)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args), read_audit_row)
+                .map_err(db)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(db)?;
+            rows.into_iter()
+                .map(|(mut rec, env, outcome)| {
+                    rec.env = env
+                        .map(|e| e.parse())
+                        .transpose()
+                        .map_err(StoreError::Corrupt)?;
+                    rec.outcome = match outcome.as_str() {
+                        "allowed" => Outcome::Allowed,
+                        "denied" => Outcome::Denied,
+                        other => return Err(StoreError::Corrupt(format!("outcome {other}"))),
+                    };
+                    Ok(rec)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(db))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_limit_changes_move_remaining_by_the_difference() {
+        let q = |limit, remaining| QuotaRecord { limit, remaining };
+        let used_3_of_10 = q(Some(10), Some(7));
+        assert_eq!(
+            apply_quota_change(used_3_of_10, QuotaChange::SetLimit(Some(20))),
+            q(Some(20), Some(17))
+        );
+        assert_eq!(
+            apply_quota_change(used_3_of_10, QuotaChange::SetLimit(Some(2))),
+            q(Some(2), Some(0))
+        );
+        assert_eq!(
+            apply_quota_change(q(None, None), QuotaChange::SetLimit(Some(5))),
+            q(Some(5), Some(5))
+        );
+        assert_eq!(
+            apply_quota_change(used_3_of_10, QuotaChange::Reset(None)),
+            q(Some(10), Some(10))
+        );
+        assert_eq!(
+            apply_quota_change(used_3_of_10, QuotaChange::Reset(Some(1))),
+            q(Some(10), Some(1))
+        );
+    }
+}

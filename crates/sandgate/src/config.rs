@@ -1,0 +1,167 @@
+//! The server's configuration: built-in defaults, then `SANDGATE_*` variables, then
+//! the TOML file given by `--config`, then flags — each overriding the one before.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use sandgate_core::net::IpNet;
+use sandgate_server::ServerConfig;
+use serde::Deserialize;
+
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATA_DIR: &str = "sandgate-data";
+
+/// One layer of settings; `None` leaves the layer below in force.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    pub addr: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub max_body_bytes: Option<usize>,
+    pub trusted_proxies: Option<Vec<String>>,
+    pub allowed_ips: Option<Vec<String>>,
+    pub log: Option<String>,
+}
+
+impl Layer {
+    pub fn from_env() -> Result<Layer> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let list =
+            |name: &str| var(name).map(|v| v.split(',').map(|s| s.trim().to_owned()).collect());
+        Ok(Layer {
+            addr: var("SANDGATE_ADDR"),
+            data_dir: var("SANDGATE_DATA_DIR").map(PathBuf::from),
+            max_body_bytes: var("SANDGATE_MAX_BODY_BYTES")
+                .map(|v| {
+                    v.parse()
+                        .context("SANDGATE_MAX_BODY_BYTES must be a number of bytes")
+                })
+                .transpose()?,
+            trusted_proxies: list("SANDGATE_TRUSTED_PROXIES"),
+            allowed_ips: list("SANDGATE_ALLOWED_IPS"),
+            log: var("SANDGATE_LOG"),
+        })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Layer> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+
+    fn over(self, below: Layer) -> Layer {
+        Layer {
+            addr: self.addr.or(below.addr),
+            data_dir: self.data_dir.or(below.data_dir),
+            max_body_bytes: self.max_body_bytes.or(below.max_body_bytes),
+            trusted_proxies: self.trusted_proxies.or(below.trusted_proxies),
+            allowed_ips: self.allowed_ips.or(below.allowed_ips),
+            log: self.log.or(below.log),
+        }
+    }
+}
+
+/// Everything `sandgate serve` needs.
+#[derive(Debug)]
+pub struct Settings {
+    pub addr: SocketAddr,
+    pub server: ServerConfig,
+    pub log: String,
+}
+
+/// Merges env < file < flags into settings.
+pub fn resolve(env: Layer, file: Option<Layer>, flags: Layer) -> Result<Settings> {
+    let merged = flags.over(file.unwrap_or_default().over(env));
+    let addr_text = merged.addr.unwrap_or_else(|| DEFAULT_ADDR.to_owned());
+    let addr: SocketAddr = addr_text
+        .parse()
+        .with_context(|| format!("`{addr_text}` is not a HOST:PORT address"))?;
+    let mut server = ServerConfig::new(
+        merged
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+    );
+    if let Some(n) = merged.max_body_bytes {
+        if n == 0 {
+            bail!("max_body_bytes must be positive");
+        }
+        server.max_body_bytes = n;
+    }
+    server.trusted_proxies = nets(
+        merged.trusted_proxies.unwrap_or_default(),
+        "trusted proxies",
+    )?;
+    server.allowed_ips = nets(merged.allowed_ips.unwrap_or_default(), "allowed IPs")?;
+    Ok(Settings {
+        addr,
+        server,
+        log: merged.log.unwrap_or_else(|| "info".to_owned()),
+    })
+}
+
+/// CIDR lists; `*` alone means "any address" (an empty list).
+fn nets(items: Vec<String>, what: &str) -> Result<Vec<IpNet>> {
+    if items.iter().any(|s| s == "*") {
+        return Ok(Vec::new());
+    }
+    items
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<IpNet>().with_context(|| format!("in {what}")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_beats_env() {
+        let env = Layer {
+            addr: Some("127.0.0.1:1".into()),
+            data_dir: Some("env-dir".into()),
+            max_body_bytes: Some(10),
+            ..Layer::default()
+        };
+        let file = Layer {
+            addr: Some("127.0.0.1:2".into()),
+            data_dir: Some("file-dir".into()),
+            ..Layer::default()
+        };
+        let flags = Layer {
+            addr: Some("127.0.0.1:3".into()),
+            ..Layer::default()
+        };
+        let s = resolve(env, Some(file), flags).unwrap();
+        assert_eq!(s.addr.port(), 3);
+        assert_eq!(s.server.data_dir, PathBuf::from("file-dir"));
+        assert_eq!(s.server.max_body_bytes, 10);
+    }
+
+    #[test]
+    fn defaults_and_bad_values() {
+        let s = resolve(Layer::default(), None, Layer::default()).unwrap();
+        assert_eq!(s.addr.to_string(), DEFAULT_ADDR);
+        let bad = Layer {
+            allowed_ips: Some(vec!["10.0.0.0/99".into()]),
+            ..Layer::default()
+        };
+        assert!(resolve(bad, None, Layer::default()).is_err());
+        let star = Layer {
+            allowed_ips: Some(vec!["*".into()]),
+            ..Layer::default()
+        };
+        assert!(
+            resolve(star, None, Layer::default())
+                .unwrap()
+                .server
+                .allowed_ips
+                .is_empty()
+        );
+        let file: Layer =
+            toml::from_str("addr = \"0.0.0.0:9\"\nallowed_ips = [\"10.0.0.0/8\"]").unwrap();
+        assert_eq!(file.addr.as_deref(), Some("0.0.0.0:9"));
+        assert!(toml::from_str::<Layer>("adr = 1").is_err());
+    }
+}

@@ -1,0 +1,88 @@
+//! `sandgate serve`: configuration, logging, first-start bootstrap, signals.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use sandgate_server::AppState;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
+
+use crate::config::{self, Layer};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (default 127.0.0.1:8080).
+    #[arg(long)]
+    addr: Option<String>,
+    /// Directory for the embedded store (default ./sandgate-data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// A TOML file of settings (between environment variables and flags in priority).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Largest accepted request body, in bytes.
+    #[arg(long)]
+    max_body_bytes: Option<usize>,
+}
+
+pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    let file = args.config.as_deref().map(Layer::from_file).transpose()?;
+    let flags = Layer {
+        addr: args.addr,
+        data_dir: args.data_dir,
+        max_body_bytes: args.max_body_bytes,
+        ..Layer::default()
+    };
+    let settings = config::resolve(Layer::from_env()?, file, flags)?;
+    let filter: Targets = settings
+        .log
+        .parse()
+        .with_context(|| format!("bad log filter `{}`", settings.log))?;
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(settings))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(settings: config::Settings) -> Result<()> {
+    let data_dir = settings.server.data_dir.clone();
+    let state = AppState::open(settings.server)
+        .await
+        .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+    if let Some(admin) = state.keys().bootstrap_admin().await? {
+        // Printed once, to the terminal that started the server; never logged.
+        println!(
+            "\nsandgate: created the first admin key (scopes *). It is shown only now; store it safely:\n\n  {}\n",
+            admin.secret
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(settings.addr)
+        .await
+        .with_context(|| format!("binding {}", settings.addr))?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        data_dir = %data_dir.display(),
+        "sandgate listening; credential sources: stored API keys"
+    );
+    sandgate_server::run(listener, state, shutdown_signal()).await?;
+    tracing::info!("sandgate stopped; pending counters and audit rows written");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler can be installed");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

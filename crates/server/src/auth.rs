@@ -1,0 +1,202 @@
+//! The authorization layer: credential → principal → route policy → IP allowlists.
+//!
+//! Runs after routing, so it knows the route template. A (method, route) missing
+//! from the policy is refused, never served: deny by default. Every attempt on a
+//! non-public route, allowed or not, becomes an audit row (queued, written in
+//! batches). Failures answer only with the SPEC codes; the row keeps the reason.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::extract::{Extension, MatchedPath, Request, State};
+use axum::http::{HeaderMap, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sandgate_core::keys::service::auth_row;
+use sandgate_core::keys::{AuthFailure, RequestContext, format};
+use sandgate_core::model::{Outcome, Timestamp};
+use sandgate_core::principal::Principal;
+
+use crate::error::ApiError;
+use crate::extract::{Caller, Ctx};
+use crate::request::RequestInfo;
+use crate::routes::{Access, Policy};
+use crate::state::AppState;
+
+pub async fn authorize(
+    State(state): State<AppState>,
+    Extension(policy): Extension<Arc<Policy>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    let Some(access) = route.and_then(|r| policy.access(req.method(), r)) else {
+        return ApiError::not_found("route").into_response();
+    };
+    if access == Access::Public {
+        return next.run(req).await;
+    }
+    let info = req
+        .extensions()
+        .get::<RequestInfo>()
+        .cloned()
+        .expect("request_context runs first");
+    let ctx = RequestContext {
+        request_id: Some(info.request_id),
+        client_ip: Some(info.client_ip.to_string()),
+        method: Some(req.method().to_string()),
+        path: Some(req.uri().path().to_owned()),
+    };
+    match decide(&state, req.headers(), access, info.client_ip).await {
+        Ok(principal) => {
+            state.metrics().observe_auth("allowed", "ok");
+            state
+                .audit()
+                .record(auth_row(
+                    &ctx,
+                    Some(&principal),
+                    None,
+                    Outcome::Allowed,
+                    None,
+                ))
+                .await;
+            principal.record_use(Timestamp::now());
+            req.extensions_mut().insert(Caller(principal));
+            req.extensions_mut().insert(Ctx(ctx));
+            next.run(req).await
+        }
+        Err(refusal) => {
+            state.metrics().observe_auth("denied", refusal.reason);
+            let presented = credential(req.headers()).and_then(format::prefix_of);
+            state
+                .audit()
+                .record(auth_row(
+                    &ctx,
+                    refusal.key.as_deref(),
+                    presented,
+                    Outcome::Denied,
+                    Some(refusal.reason),
+                ))
+                .await;
+            refusal.error.into_response()
+        }
+    }
+}
+
+/// A refused request: what the client sees, and what the audit row says.
+struct Refusal {
+    error: ApiError,
+    reason: &'static str,
+    key: Option<Arc<Principal>>,
+}
+
+impl Refusal {
+    fn new(error: ApiError, reason: &'static str, key: Option<Arc<Principal>>) -> Refusal {
+        Refusal { error, reason, key }
+    }
+}
+
+async fn decide(
+    state: &AppState,
+    headers: &HeaderMap,
+    access: Access,
+    client_ip: IpAddr,
+) -> Result<Arc<Principal>, Refusal> {
+    let server_allowlist = &state.config().allowed_ips;
+    if !server_allowlist.is_empty() && !server_allowlist.iter().any(|n| n.contains(client_ip)) {
+        return Err(Refusal::new(
+            ApiError::ip_not_allowed(),
+            "ip_not_allowed_server",
+            None,
+        ));
+    }
+    let Some(credential) = credential(headers) else {
+        return Err(Refusal::new(
+            ApiError::unauthorized(
+                "Missing API key: send Authorization: Bearer <key> or X-API-Key",
+            ),
+            "missing_credential",
+            None,
+        ));
+    };
+    let principal = match state.keys().verify(credential).await {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return Err(Refusal::new(
+                ApiError::unauthorized("Invalid API key"),
+                "unknown_credential",
+                None,
+            ));
+        }
+        Err(denied) => {
+            let error = match denied.failure {
+                AuthFailure::Expired | AuthFailure::Revoked => ApiError::key_expired(),
+                AuthFailure::Malformed | AuthFailure::Unknown => {
+                    ApiError::unauthorized("Invalid API key")
+                }
+            };
+            return Err(Refusal::new(error, denied.failure.reason(), denied.key));
+        }
+    };
+    if !principal.allowed_ips.is_empty()
+        && !principal.allowed_ips.iter().any(|n| n.contains(client_ip))
+    {
+        return Err(Refusal::new(
+            ApiError::ip_not_allowed(),
+            "ip_not_allowed_key",
+            Some(principal),
+        ));
+    }
+    if let Access::Scope(scope) = access
+        && !principal.has(scope)
+    {
+        return Err(Refusal::new(
+            ApiError::forbidden(scope, format!("This key lacks the scope {scope}")),
+            "missing_scope",
+            Some(principal),
+        ));
+    }
+    Ok(principal)
+}
+
+/// The presented credential: a Bearer token wins over `X-API-Key`.
+pub fn credential(headers: &HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .filter(|t| !t.is_empty());
+    bearer.or_else(|| {
+        headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn bearer_wins_over_x_api_key() {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("from-header"));
+        assert_eq!(credential(&h), Some("from-header"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer from-bearer"),
+        );
+        assert_eq!(credential(&h), Some("from-bearer"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(credential(&h), Some("from-header"));
+        assert_eq!(credential(&HeaderMap::new()), None);
+    }
+}

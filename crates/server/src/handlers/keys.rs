@@ -1,0 +1,100 @@
+//! `/v1/auth/whoami` and `/v1/keys`: thin over [`sandgate_core::keys::KeyService`].
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use sandgate_core::keys::api::{
+    CreateKeyRequest, CreatedKey, KeyView, ResetExecutionsRequest, RotateKeyRequest,
+    UpdateKeyRequest, WhoAmI,
+};
+use schemars::JsonSchema;
+use serde::Serialize;
+
+use crate::error::ApiResult;
+use crate::extract::{ApiJson, ApiPath, Caller, Ctx};
+use crate::state::AppState;
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct KeyList {
+    pub data: Vec<KeyView>,
+}
+
+pub async fn whoami(State(state): State<AppState>, Caller(caller): Caller) -> Json<WhoAmI> {
+    Json(state.keys().whoami(&caller))
+}
+
+pub async fn create_key(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Ctx(ctx): Ctx,
+    ApiJson(req): ApiJson<CreateKeyRequest>,
+) -> ApiResult<(StatusCode, Json<CreatedKey>)> {
+    let created = state.keys().create_key(&caller, &ctx, req).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+pub async fn list_keys(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> ApiResult<Json<KeyList>> {
+    let data = state.keys().list_keys(&caller).await?;
+    Ok(Json(KeyList { data }))
+}
+
+pub async fn get_key(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<KeyView>> {
+    Ok(Json(state.keys().get_key(&caller, &id).await?))
+}
+
+pub async fn update_key(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Ctx(ctx): Ctx,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<UpdateKeyRequest>,
+) -> ApiResult<Json<KeyView>> {
+    Ok(Json(
+        state.keys().update_key(&caller, &ctx, &id, req).await?,
+    ))
+}
+
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Ctx(ctx): Ctx,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    state.keys().revoke_key(&caller, &ctx, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn rotate_key(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Ctx(ctx): Ctx,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<RotateKeyRequest>,
+) -> ApiResult<(StatusCode, Json<CreatedKey>)> {
+    let created = state
+        .keys()
+        .rotate_key(&caller, &ctx, &id, req.grace_period_sec)
+        .await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+pub async fn reset_executions(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Ctx(ctx): Ctx,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<ResetExecutionsRequest>,
+) -> ApiResult<Json<KeyView>> {
+    let view = state
+        .keys()
+        .reset_executions(&caller, &ctx, &id, req.remaining)
+        .await?;
+    Ok(Json(view))
+}

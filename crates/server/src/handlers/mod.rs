@@ -1,0 +1,5 @@
+//! Handlers, one module per resource. Each extracts, calls a service, maps the result.
+
+pub mod audit;
+pub mod keys;
+pub mod meta;

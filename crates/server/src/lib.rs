@@ -1,0 +1,113 @@
+//! sandgate's HTTP edge: the axum router, the layers every request passes, the
+//! handlers, and the server's lifecycle (background maintenance, graceful shutdown).
+//!
+//! A request meets, in order: [`request::request_context`] (request id, client IP,
+//! metrics), the body limit, routing, [`auth::authorize`] (credential, policy,
+//! allowlists, audit), then its handler.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Extension};
+use axum::middleware;
+use axum::response::IntoResponse;
+use tokio::net::TcpListener;
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod handlers;
+pub mod metrics;
+pub mod openapi;
+pub mod request;
+pub mod routes;
+pub mod state;
+
+pub use state::{AppState, ServerConfig};
+
+use crate::error::ApiError;
+use crate::handlers::meta::OpenApiDoc;
+use crate::routes::Policy;
+
+/// The whole HTTP application over `state`.
+pub fn app(state: AppState) -> Router {
+    let (router, specs) = routes::table().into_parts();
+    let policy = Arc::new(Policy::from_specs(&specs));
+    let doc = OpenApiDoc(openapi::document(&specs).to_string().into());
+    router
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
+        .fallback(|| async { ApiError::not_found("route").into_response() })
+        .method_not_allowed_fallback(|| async { ApiError::not_found("route").into_response() })
+        .layer(DefaultBodyLimit::max(state.config().max_body_bytes))
+        .layer(Extension(policy))
+        .layer(Extension(doc))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            request::request_context,
+        ))
+        .with_state(state)
+}
+
+/// Serves `app(state)` on `listener` until `shutdown` resolves, then stops the
+/// background work and writes every pending counter and audit row.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let maintenance = tokio::spawn(maintain(state.clone()));
+    let result = axum::serve(
+        listener,
+        app(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
+    maintenance.abort();
+    let _ = maintenance.await;
+    flush(&state).await;
+    result
+}
+
+/// Writes what is held in memory: request counts, last-use times, audit rows.
+pub async fn flush(state: &AppState) {
+    if let Err(e) = state.keys().flush_usage().await {
+        tracing::error!(error = %e, "could not write key usage");
+    }
+    state.audit().flush().await;
+}
+
+/// Background upkeep: pick up key changes of other processes, write usage counts,
+/// record expiries.
+async fn maintain(state: AppState) {
+    let config = state.config().clone();
+    let mut sync = tokio::time::interval(config.key_sync_interval);
+    let mut usage = tokio::time::interval(config.usage_flush_interval);
+    let mut expiry = tokio::time::interval(config.expiry_sweep_interval);
+    for tick in [&mut sync, &mut usage, &mut expiry] {
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        tokio::select! {
+            _ = sync.tick() => {
+                if let Err(e) = state.keys().sync().await {
+                    tracing::warn!(error = %e, "key sync failed");
+                }
+            }
+            _ = usage.tick() => {
+                if let Err(e) = state.keys().flush_usage().await {
+                    tracing::warn!(error = %e, "usage flush failed");
+                }
+            }
+            _ = expiry.tick() => {
+                if let Err(e) = state.keys().record_expired_keys().await {
+                    tracing::warn!(error = %e, "expiry sweep failed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Every route of the API, with the access it requires, in one table.
+//!
+//! This is the file to audit: a route exists only by being added here with an
+//! [`Access`], so a route without a declared scope cannot be written. The same
+//! table builds the router, the [`Policy`] the authorization layer consults by
+//! (method, route template), and the OpenAPI document.
+
+use std::collections::HashMap;
+
+use axum::Router;
+use axum::handler::Handler;
+use axum::http::Method;
+use axum::routing::{MethodFilter, on};
+use sandgate_core::scopes::Scope;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+
+use crate::handlers::{audit, keys, meta};
+use crate::state::AppState;
+
+/// What a route demands of its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No credential needed (health, readiness, the OpenAPI document).
+    Public,
+    /// Any valid credential.
+    Authenticated,
+    /// A valid credential holding this scope.
+    Scope(Scope),
+}
+
+pub type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
+
+fn schema_of<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
+    g.subschema_for::<T>()
+}
+
+/// How a route's request or response body is shaped, for the OpenAPI document.
+#[derive(Debug, Clone, Copy)]
+pub enum Body {
+    Json(SchemaFn),
+    Text(&'static str),
+    Empty,
+}
+
+/// One route: method, path template, access, and what the OpenAPI document says of it.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub method: Method,
+    pub path: &'static str,
+    pub access: Access,
+    pub operation_id: &'static str,
+    pub summary: &'static str,
+    pub request: Option<Body>,
+    pub status: u16,
+    pub response: Body,
+    /// Query parameters: (name, description).
+    pub query: &'static [(&'static str, &'static str)],
+}
+
+impl RouteSpec {
+    fn new(method: Method, path: &'static str, access: Access, operation_id: &'static str) -> Self {
+        RouteSpec {
+            method,
+            path,
+            access,
+            operation_id,
+            summary: "",
+            request: None,
+            status: 200,
+            response: Body::Empty,
+            query: &[],
+        }
+    }
+
+    fn summary(mut self, summary: &'static str) -> Self {
+        self.summary = summary;
+        self
+    }
+
+    fn body<T: JsonSchema>(mut self) -> Self {
+        self.request = Some(Body::Json(schema_of::<T>));
+        self
+    }
+
+    fn returns<T: JsonSchema>(mut self, status: u16) -> Self {
+        self.status = status;
+        self.response = Body::Json(schema_of::<T>);
+        self
+    }
+
+    fn returns_text(mut self, content_type: &'static str) -> Self {
+        self.response = Body::Text(content_type);
+        self
+    }
+
+    fn no_content(mut self) -> Self {
+        self.status = 204;
+        self.response = Body::Empty;
+        self
+    }
+
+    fn query(mut self, params: &'static [(&'static str, &'static str)]) -> Self {
+        self.query = params;
+        self
+    }
+}
+
+fn get(path: &'static str, access: Access, op: &'static str) -> RouteSpec {
+    RouteSpec::new(Method::GET, path, access, op)
+}
+fn post(path: &'static str, access: Access, op: &'static str) -> RouteSpec {
+    RouteSpec::new(Method::POST, path, access, op)
+}
+fn patch(path: &'static str, access: Access, op: &'static str) -> RouteSpec {
+    RouteSpec::new(Method::PATCH, path, access, op)
+}
+fn delete(path: &'static str, access: Access, op: &'static str) -> RouteSpec {
+    RouteSpec::new(Method::DELETE, path, access, op)
+}
+
+/// The router and the specs of every route in it, built together.
+#[derive(Debug)]
+pub struct RouteTable {
+    router: Router<AppState>,
+    specs: Vec<RouteSpec>,
+}
+
+impl RouteTable {
+    fn new() -> Self {
+        RouteTable {
+            router: Router::new(),
+            specs: Vec::new(),
+        }
+    }
+
+    fn add<H, T>(mut self, spec: RouteSpec, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        let filter = MethodFilter::try_from(spec.method.clone()).expect("a standard method");
+        self.router = self.router.route(spec.path, on(filter, handler));
+        self.specs.push(spec);
+        self
+    }
+
+    pub fn specs(&self) -> &[RouteSpec] {
+        &self.specs
+    }
+
+    pub fn into_parts(self) -> (Router<AppState>, Vec<RouteSpec>) {
+        (self.router, self.specs)
+    }
+}
+
+/// The whole API.
+pub fn table() -> RouteTable {
+    use Access::{Authenticated, Public, Scope as Needs};
+    RouteTable::new()
+        // ---- operations ----
+        .add(
+            get("/healthz", Public, "healthz")
+                .summary("200 while the process serves")
+                .returns::<meta::Health>(200),
+            meta::healthz,
+        )
+        .add(
+            get("/readyz", Public, "readyz")
+                .summary("200 when storage answers")
+                .returns::<meta::Health>(200),
+            meta::readyz,
+        )
+        .add(
+            get("/openapi.json", Public, "openapi")
+                .summary("This document")
+                .returns_text("application/json"),
+            meta::openapi,
+        )
+        .add(
+            get("/metrics", Needs(Scope::MetricsRead), "metrics")
+                .summary("Prometheus metrics")
+                .returns_text("text/plain; version=0.0.4"),
+            meta::metrics,
+        )
+        // ---- keys ----
+        .add(
+            get("/v1/auth/whoami", Authenticated, "whoami")
+                .summary("The calling key")
+                .returns::<sandgate_core::keys::api::WhoAmI>(200),
+            keys::whoami,
+        )
+        .add(
+            post("/v1/keys", Needs(Scope::KeysManage), "createKey")
+                .summary("Create a key; the plaintext is in this response only")
+                .body::<sandgate_core::keys::api::CreateKeyRequest>()
+                .returns::<sandgate_core::keys::api::CreatedKey>(201),
+            keys::create_key,
+        )
+        .add(
+            get("/v1/keys", Needs(Scope::KeysRead), "listKeys")
+                .summary("Keys of the caller's tenant and env (all with tenants:manage)")
+                .returns::<keys::KeyList>(200),
+            keys::list_keys,
+        )
+        .add(
+            get("/v1/keys/{id}", Needs(Scope::KeysRead), "getKey")
+                .summary("One key")
+                .returns::<sandgate_core::keys::api::KeyView>(200),
+            keys::get_key,
+        )
+        .add(
+            patch("/v1/keys/{id}", Needs(Scope::KeysManage), "updateKey")
+                .summary("Change a key's settings")
+                .body::<sandgate_core::keys::api::UpdateKeyRequest>()
+                .returns::<sandgate_core::keys::api::KeyView>(200),
+            keys::update_key,
+        )
+        .add(
+            delete("/v1/keys/{id}", Needs(Scope::KeysManage), "revokeKey")
+                .summary("Revoke a key now")
+                .no_content(),
+            keys::revoke_key,
+        )
+        .add(
+            post(
+                "/v1/keys/{id}/rotate",
+                Needs(Scope::KeysManage),
+                "rotateKey",
+            )
+            .summary("New key with the same settings; the old one works for the grace period")
+            .body::<sandgate_core::keys::api::RotateKeyRequest>()
+            .returns::<sandgate_core::keys::api::CreatedKey>(201),
+            keys::rotate_key,
+        )
+        .add(
+            post(
+                "/v1/keys/{id}/reset-executions",
+                Needs(Scope::BillingManage),
+                "resetExecutions",
+            )
+            .summary("Set the executions remaining (default: the limit)")
+            .body::<sandgate_core::keys::api::ResetExecutionsRequest>()
+            .returns::<sandgate_core::keys::api::KeyView>(200),
+            keys::reset_executions,
+        )
+        // ---- audit ----
+        .add(
+            get("/v1/audit", Needs(Scope::AuditRead), "listAudit")
+                .summary("Authentication attempts and key lifecycle events, newest first")
+                .query(&[
+                    ("keyId", "only rows of this key"),
+                    ("outcome", "allowed or denied"),
+                    (
+                        "event",
+                        "auth, key.created, key.updated, key.rotated, key.revoked, key.expired",
+                    ),
+                    ("limit", "rows per page, 1-1000 (default 100)"),
+                    ("cursor", "nextCursor of the previous page"),
+                ])
+                .returns::<audit::AuditList>(200),
+            audit::list_audit,
+        )
+}
+
+/// Who may call what: (route template, method) → access. Consulted on every request.
+#[derive(Debug, Default)]
+pub struct Policy {
+    by_path: HashMap<&'static str, Vec<(Method, Access)>>,
+}
+
+impl Policy {
+    pub fn from_specs(specs: &[RouteSpec]) -> Policy {
+        let mut by_path: HashMap<&'static str, Vec<(Method, Access)>> = HashMap::new();
+        for s in specs {
+            by_path
+                .entry(s.path)
+                .or_default()
+                .push((s.method.clone(), s.access));
+        }
+        Policy { by_path }
+    }
+
+    /// `None` for a (method, route) the table does not have: the caller must refuse.
+    pub fn access(&self, method: &Method, route: &str) -> Option<Access> {
+        self.by_path
+            .get(route)?
+            .iter()
+            .find(|(m, _)| m == method)
+            .map(|(_, a)| *a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_in_the_policy_and_only_declared_ones_are_public() {
+        let table = table();
+        let policy = Policy::from_specs(table.specs());
+        let public: Vec<&str> = table
+            .specs()
+            .iter()
+            .filter(|s| s.access == Access::Public)
+            .map(|s| s.path)
+            .collect();
+        assert_eq!(public, ["/healthz", "/readyz", "/openapi.json"]);
+        for s in table.specs() {
+            assert_eq!(
+                policy.access(&s.method, s.path),
+                Some(s.access),
+                "{}",
+                s.path
+            );
+        }
+        assert_eq!(policy.access(&Method::PUT, "/v1/keys"), None);
+        assert_eq!(policy.access(&Method::GET, "/v1/nope"), None);
+    }
+
+    #[test]
+    fn method_and_path_together_decide() {
+        let policy = Policy::from_specs(table().specs());
+        assert_eq!(
+            policy.access(&Method::GET, "/v1/keys/{id}"),
+            Some(Access::Scope(Scope::KeysRead))
+        );
+        assert_eq!(
+            policy.access(&Method::DELETE, "/v1/keys/{id}"),
+            Some(Access::Scope(Scope::KeysManage))
+        );
+    }
+}

@@ -1,0 +1,102 @@
+//! The state every handler shares: configuration, services, metrics.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sandgate_core::audit::AuditLog;
+use sandgate_core::keys::KeyService;
+use sandgate_core::net::IpNet;
+use sandgate_core::store::{AuditStore, KeyStore, SqliteStore, StoreError};
+
+use crate::metrics::Metrics;
+
+/// What the server needs to know to run; the binary builds it from env, file and flags.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Peers whose `X-Forwarded-For` / `X-Real-IP` are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Server-wide client allowlist; empty = any address.
+    pub allowed_ips: Vec<IpNet>,
+    /// How often changes made by other processes are picked up.
+    pub key_sync_interval: Duration,
+    /// How often request counts and last-use times are written.
+    pub usage_flush_interval: Duration,
+    /// How often passed expiries are looked for (to write `key.expired` events).
+    pub expiry_sweep_interval: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            max_body_bytes: 16 * 1024 * 1024,
+            trusted_proxies: Vec::new(),
+            allowed_ips: Vec::new(),
+            key_sync_interval: Duration::from_millis(500),
+            usage_flush_interval: Duration::from_secs(1),
+            expiry_sweep_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("config", &self.0.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    config: ServerConfig,
+    keys: KeyService,
+    audit: AuditLog,
+    audit_store: Arc<dyn AuditStore>,
+    metrics: Metrics,
+}
+
+impl AppState {
+    /// Opens the embedded store in the data dir, loads every key, starts the audit writer.
+    /// Must be called inside a tokio runtime.
+    pub async fn open(config: ServerConfig) -> Result<AppState, StoreError> {
+        let store = SqliteStore::open(&config.data_dir)?;
+        let key_store: Arc<dyn KeyStore> = Arc::new(store.clone());
+        let audit_store: Arc<dyn AuditStore> = Arc::new(store);
+        let keys = KeyService::load(key_store).await?;
+        let audit = AuditLog::start(Arc::clone(&audit_store));
+        Ok(AppState(Arc::new(Inner {
+            config,
+            keys,
+            audit,
+            audit_store,
+            metrics: Metrics::default(),
+        })))
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.0.config
+    }
+
+    pub fn keys(&self) -> &KeyService {
+        &self.0.keys
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.0.audit
+    }
+
+    pub fn audit_store(&self) -> &dyn AuditStore {
+        &*self.0.audit_store
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+}

@@ -1,0 +1,133 @@
+//! `TestApp`: a real sandgate server on port 0 with its own data dir, driven
+//! through the public HTTP API by the blocking client.
+
+use std::thread::JoinHandle;
+
+use sandgate_client::{Client, Method, RawResponse};
+use sandgate_server::{AppState, ServerConfig};
+use serde_json::{Value, json};
+
+pub struct TestApp {
+    pub url: String,
+    pub admin_key: String,
+    /// Removed when the app is dropped.
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestApp {
+    pub fn start() -> TestApp {
+        TestApp::start_with(|_| {})
+    }
+
+    /// Starts a server whose configuration `tweak` may change.
+    pub fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestApp {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = ServerConfig::new(dir.path());
+        config.key_sync_interval = std::time::Duration::from_millis(100);
+        config.usage_flush_interval = std::time::Duration::from_millis(200);
+        config.expiry_sweep_interval = std::time::Duration::from_millis(200);
+        tweak(&mut config);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let state = AppState::open(config).await.expect("open state");
+                let admin = state
+                    .keys()
+                    .bootstrap_admin()
+                    .await
+                    .expect("bootstrap")
+                    .expect("empty store gets an admin key");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let addr = listener.local_addr().expect("addr");
+                ready_tx.send((addr, admin.secret)).expect("report ready");
+                sandgate_server::run(listener, state, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("serve");
+            });
+        });
+        let (addr, admin_key) = ready_rx.recv().expect("server started");
+        TestApp {
+            url: format!("http://{addr}"),
+            admin_key,
+            _dir: dir,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn admin(&self) -> Client {
+        Client::new(&self.url, Some(self.admin_key.clone()))
+    }
+
+    pub fn anonymous(&self) -> Client {
+        Client::new(&self.url, None)
+    }
+
+    pub fn client(&self, key: &str) -> Client {
+        Client::new(&self.url, Some(key.to_owned()))
+    }
+
+    /// Creates a key with the admin key; returns (plaintext, key object).
+    pub fn create_key(&self, body: Value) -> (String, Value) {
+        let created = self.admin().create_key(&body).expect("create key");
+        let key = created["key"].as_str().expect("plaintext key").to_owned();
+        (key, created)
+    }
+
+    /// A key with exactly these scopes, in tenant `default`, env `live`.
+    pub fn key_with(&self, scopes: &[&str]) -> String {
+        self.create_key(json!({ "name": "t", "scopes": scopes })).0
+    }
+
+    pub fn get(&self, key: Option<&str>, path: &str) -> RawResponse {
+        let client = match key {
+            Some(k) => self.client(k),
+            None => self.anonymous(),
+        };
+        client.raw(Method::GET, path, &[], None).expect("request")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Asserts an error response's status and SPEC code, and that it carries a request id.
+#[track_caller]
+pub fn assert_error(response: &RawResponse, status: u16, code: &str) -> Value {
+    let body = response.json();
+    assert_eq!(
+        response.status.as_u16(),
+        status,
+        "unexpected status; body: {}",
+        response.text()
+    );
+    assert_eq!(body["error"]["code"], code, "body: {body}");
+    let request_id = body["error"]["requestId"].as_str().expect("requestId");
+    assert_eq!(response.header("x-request-id"), Some(request_id));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+    body
+}

@@ -1,0 +1,9 @@
+//! The HTTP API, driven through a real server on port 0.
+
+mod audit;
+mod common;
+mod errors;
+mod isolation;
+mod keys;
+mod openapi;
+mod policy;
