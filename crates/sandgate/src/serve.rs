@@ -1,5 +1,6 @@
 //! `sandgate serve`: configuration, logging, first-start bootstrap, signals.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -41,7 +42,11 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         .parse()
         .with_context(|| format!("bad log filter `{}`", settings.log))?;
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
         .with(filter)
         .init();
 

@@ -1,0 +1,496 @@
+//! The real `sandgate` binary: first start, offline and remote key commands, login,
+//! and durability across `kill -9`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use sandgate_client::Client;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sandgate");
+
+/// A `sandgate serve` child process.
+struct Server {
+    child: Child,
+    url: String,
+    /// What it printed on standard output (the admin key on first start).
+    stdout: String,
+}
+
+impl Server {
+    fn start(data_dir: &Path) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--addr", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env_remove("SANDGATE_ADDR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sandgate serve");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("addr=").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server logged its address");
+        // Everything on stdout before the listening line is already there.
+        let mut stdout = String::new();
+        let mut out = child.stdout.take().unwrap();
+        let (otx, orx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 || otx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        while let Ok(chunk) = orx.recv_timeout(Duration::from_millis(200)) {
+            stdout.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        Server {
+            child,
+            url: format!("http://{addr}"),
+            stdout,
+        }
+    }
+
+    fn admin_key(&self) -> String {
+        find_key(&self.stdout).expect("first start prints the admin key")
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn stop(mut self) {
+        // The server must shut down gracefully on SIGTERM and exit 0.
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "graceful shutdown exits 0, got {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find_key(text: &str) -> Option<String> {
+    text.split_whitespace()
+        .find(|w| w.starts_with("sg_live_") && w.len() == 46)
+        .map(str::to_owned)
+}
+
+fn sandgate(args: &[&str], env: &[(&str, &str)], config_dir: &Path) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("SANDGATE_URL")
+        .env_remove("SANDGATE_API_KEY")
+        .env("SANDGATE_CONFIG_DIR", config_dir)
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run sandgate")
+}
+
+#[track_caller]
+fn json_of(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "command failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout).expect("--json prints JSON")
+}
+
+fn dir_arg(p: &Path) -> String {
+    p.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn first_start_prints_an_admin_key_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let admin = server.admin_key();
+    let who = Client::new(&server.url, Some(admin.clone()))
+        .whoami()
+        .unwrap();
+    assert_eq!(who["scopes"], json!(["*"]));
+    server.stop();
+    let again = Server::start(&data);
+    assert!(
+        find_key(&again.stdout).is_none(),
+        "printed again: {}",
+        again.stdout
+    );
+    assert!(Client::new(&again.url, Some(admin)).whoami().is_ok());
+    // The store is private to its owner.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "data dir mode {mode:o}");
+}
+
+#[test]
+fn offline_key_commands_work_beside_a_running_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let cfg = tmp.path().join("cfg");
+    let server = Server::start(&data);
+    let d = dir_arg(&data);
+    let created = json_of(&sandgate(
+        &[
+            "keys",
+            "create",
+            "--data-dir",
+            &d,
+            "--json",
+            "--name",
+            "offline",
+            "--scope",
+            "sandbox:read,keys:read",
+            "--tenant",
+            "acme",
+            "--expires-in",
+            "90d",
+            "--rate-limit",
+            "60/min",
+            "--rate-limit",
+            "1000/hour",
+            "--executions-limit",
+            "5",
+            "--allowed-ip",
+            "127.0.0.1",
+            "--metadata",
+            "team=infra",
+        ],
+        &[],
+        &cfg,
+    ));
+    let key = created["key"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["tenant"], "acme");
+    assert_eq!(created["scopes"], json!(["sandbox:read", "keys:read"]));
+    assert_eq!(
+        created["rateLimits"],
+        json!([{"limit": 60, "windowSec": 60}, {"limit": 1000, "windowSec": 3600}])
+    );
+    assert_eq!(created["executionsLimit"], 5);
+    assert!(created["expiresAt"].is_string());
+
+    // The running server accepts a key written by another process.
+    let client = Client::new(&server.url, Some(key.clone()));
+    assert_eq!(client.whoami().unwrap()["keyId"], id.as_str());
+
+    let listed = json_of(&sandgate(
+        &["keys", "list", "--data-dir", &d, "--json"],
+        &[],
+        &cfg,
+    ));
+    assert!(
+        listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["id"] == id.as_str())
+    );
+    let got = json_of(&sandgate(
+        &["keys", "get", &id, "--data-dir", &d, "--json"],
+        &[],
+        &cfg,
+    ));
+    assert_eq!(got["name"], "offline");
+    assert!(got.get("key").is_none());
+    let updated = json_of(&sandgate(
+        &[
+            "keys",
+            "update",
+            &id,
+            "--data-dir",
+            &d,
+            "--json",
+            "--name",
+            "renamed",
+            "--executions-limit",
+            "9",
+        ],
+        &[],
+        &cfg,
+    ));
+    assert_eq!(updated["name"], "renamed");
+    assert_eq!(updated["executionsRemaining"], 9);
+    let reset = json_of(&sandgate(
+        &[
+            "keys",
+            "reset-executions",
+            &id,
+            "--remaining",
+            "2",
+            "--data-dir",
+            &d,
+            "--json",
+        ],
+        &[],
+        &cfg,
+    ));
+    assert_eq!(reset["executionsRemaining"], 2);
+    let rotated = json_of(&sandgate(
+        &[
+            "keys",
+            "rotate",
+            &id,
+            "--grace",
+            "0",
+            "--data-dir",
+            &d,
+            "--json",
+        ],
+        &[],
+        &cfg,
+    ));
+    let new_key = rotated["key"].as_str().unwrap().to_owned();
+
+    // Offline changes reach the running server within a second.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let old = client.whoami();
+        let new = Client::new(&server.url, Some(new_key.clone())).whoami();
+        if old.as_ref().err().and_then(|e| e.code()) == Some("KEY_EXPIRED") && new.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server never saw the rotation: {old:?} {new:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let new_id = rotated["id"].as_str().unwrap();
+    let out = sandgate(&["keys", "revoke", new_id, "--data-dir", &d], &[], &cfg);
+    assert!(out.status.success());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Client::new(&server.url, Some(new_key.clone()))
+        .whoami()
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "server never saw the revocation");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Human output: a table with a header and the key's row.
+    let table = sandgate(&["keys", "list", "--data-dir", &d], &[], &cfg);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.lines().next().unwrap().starts_with("ID"), "{text}");
+    assert!(text.contains(&id));
+    // Bad input is a clear error and a failing exit code.
+    let bad = sandgate(
+        &[
+            "keys",
+            "create",
+            "--data-dir",
+            &d,
+            "--name",
+            "x",
+            "--scope",
+            "root",
+        ],
+        &[],
+        &cfg,
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("scopes"));
+}
+
+#[test]
+fn remote_commands_and_login() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let cfg = tmp.path().join("cfg");
+    let server = Server::start(&data);
+    let admin = server.admin_key();
+    let env = [
+        ("SANDGATE_URL", server.url.as_str()),
+        ("SANDGATE_API_KEY", admin.as_str()),
+    ];
+    let created = json_of(&sandgate(
+        &[
+            "keys",
+            "create",
+            "--json",
+            "--name",
+            "remote",
+            "--profile",
+            "read-only",
+            "--env",
+            "test",
+        ],
+        &env,
+        &cfg,
+    ));
+    assert!(created["key"].as_str().unwrap().starts_with("sg_test_"));
+    let id = created["id"].as_str().unwrap();
+    let listed = json_of(&sandgate(&["keys", "list", "--json"], &env, &cfg));
+    assert!(
+        listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["id"] == id)
+    );
+    let out = sandgate(&["keys", "revoke", id], &env, &cfg);
+    assert!(out.status.success());
+    let got = json_of(&sandgate(&["keys", "get", id, "--json"], &env, &cfg));
+    assert_eq!(got["isActive"], false);
+
+    // Without a key, remote commands explain what to do.
+    let out = sandgate(
+        &["keys", "list"],
+        &[("SANDGATE_URL", server.url.as_str())],
+        &cfg,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SANDGATE_API_KEY"));
+
+    // Login saves the URL and key (0600) and later commands use them.
+    let out = sandgate(
+        &["auth", "login", "--url", &server.url, "--key", &admin],
+        &[],
+        &cfg,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved = cfg.join("credentials.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let who = json_of(&sandgate(&["auth", "whoami", "--json"], &[], &cfg));
+    assert_eq!(who["name"], "admin");
+    let out = sandgate(
+        &[
+            "auth",
+            "login",
+            "--url",
+            &server.url,
+            "--key",
+            "sg_live_nope",
+        ],
+        &[],
+        &cfg,
+    );
+    assert!(!out.status.success(), "a bad key is not saved");
+    let who = json_of(&sandgate(&["auth", "whoami", "--json"], &[], &cfg));
+    assert_eq!(who["name"], "admin");
+}
+
+#[test]
+fn nothing_committed_is_lost_on_kill_9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data: PathBuf = tmp.path().join("data");
+    let server = Server::start(&data);
+    let admin_key = server.admin_key();
+    let admin = Client::new(&server.url, Some(admin_key.clone()));
+    let mut keys = Vec::new();
+    for i in 0..10 {
+        let k = admin
+            .create_key(&json!({"name": format!("k{i}"), "executionsLimit": 100}))
+            .unwrap();
+        keys.push(k);
+    }
+    let revoked = keys[0]["id"].as_str().unwrap().to_owned();
+    admin.revoke_key(&revoked).unwrap();
+    let limited = keys[1]["id"].as_str().unwrap().to_owned();
+    admin.reset_executions(&limited, Some(42)).unwrap();
+    let rotated = admin
+        .rotate_key(keys[2]["id"].as_str().unwrap(), Some(0))
+        .unwrap();
+    server.kill9();
+
+    let server = Server::start(&data);
+    assert!(
+        find_key(&server.stdout).is_none(),
+        "no second admin key after a crash"
+    );
+    let admin = Client::new(&server.url, Some(admin_key));
+    let old = Client::new(
+        &server.url,
+        Some(keys[0]["key"].as_str().unwrap().to_owned()),
+    );
+    assert_eq!(old.whoami().unwrap_err().code(), Some("KEY_EXPIRED"));
+    for k in &keys[3..] {
+        let c = Client::new(&server.url, Some(k["key"].as_str().unwrap().to_owned()));
+        assert_eq!(c.whoami().unwrap()["keyId"], k["id"]);
+    }
+    assert_eq!(admin.get_key(&limited).unwrap()["executionsRemaining"], 42);
+    let new = Client::new(
+        &server.url,
+        Some(rotated["key"].as_str().unwrap().to_owned()),
+    );
+    assert!(new.whoami().is_ok());
+    let events = admin.audit(&[("limit", "1000")]).unwrap();
+    let kinds: Vec<&str> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["event"].as_str())
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "key.created").count(),
+        12,
+        "{kinds:?}"
+    );
+    for kind in ["key.revoked", "key.rotated", "key.updated"] {
+        assert!(kinds.contains(&kind), "{kind} lost in the crash");
+    }
+}
+
+#[test]
+fn graceful_shutdown_writes_pending_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let admin_key = server.admin_key();
+    let admin = Client::new(&server.url, Some(admin_key.clone()));
+    let k = admin.create_key(&json!({"name": "busy"})).unwrap();
+    let c = Client::new(&server.url, Some(k["key"].as_str().unwrap().to_owned()));
+    for _ in 0..5 {
+        c.whoami().unwrap();
+    }
+    server.stop();
+    let server = Server::start(&data);
+    let admin = Client::new(&server.url, Some(admin_key));
+    let got = admin.get_key(k["id"].as_str().unwrap()).unwrap();
+    assert_eq!(got["requestCount"], 5);
+    assert!(got["lastUsedAt"].is_string());
+}
