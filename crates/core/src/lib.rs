@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod keys;
+pub mod limits;
 pub mod model;
 pub mod net;
 pub mod principal;

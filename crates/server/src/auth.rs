@@ -9,11 +9,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::extract::{Extension, MatchedPath, Request, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sandgate_core::keys::service::auth_row;
 use sandgate_core::keys::{AuthFailure, RequestContext, format};
+use sandgate_core::limits::RateDecision;
 use sandgate_core::model::{Outcome, Timestamp};
 use sandgate_core::principal::Principal;
 
@@ -44,46 +45,98 @@ pub async fn authorize(
         .get::<RequestInfo>()
         .cloned()
         .expect("request_context runs first");
+    // An address that keeps presenting invalid credentials is refused before any
+    // lookup or audit write: guessing and floods of random keys get nowhere.
+    let ip_subject = info.client_ip.to_string();
+    if let Some(limit) = state.config().auth_failure_limit
+        && let Some(retry_after) = state.auth_failures().would_refuse(&ip_subject, limit)
+    {
+        state.metrics().observe_auth("denied", "throttled");
+        return ApiError::rate_limited(retry_after).into_response();
+    }
     let ctx = RequestContext {
         request_id: Some(info.request_id),
-        client_ip: Some(info.client_ip.to_string()),
+        client_ip: Some(ip_subject),
         method: Some(req.method().to_string()),
         path: Some(req.uri().path().to_owned()),
     };
-    match decide(&state, req.headers(), access, info.client_ip).await {
-        Ok(principal) => {
-            state.metrics().observe_auth("allowed", "ok");
-            state
-                .audit()
-                .record(auth_row(
-                    &ctx,
-                    Some(&principal),
-                    None,
-                    Outcome::Allowed,
-                    None,
-                ))
-                .await;
-            principal.record_use(Timestamp::now());
-            req.extensions_mut().insert(Caller(principal));
-            req.extensions_mut().insert(Ctx(ctx));
-            next.run(req).await
-        }
-        Err(refusal) => {
-            state.metrics().observe_auth("denied", refusal.reason);
-            let presented = credential(req.headers()).and_then(format::prefix_of);
-            state
-                .audit()
-                .record(auth_row(
-                    &ctx,
-                    refusal.key.as_deref(),
-                    presented,
-                    Outcome::Denied,
-                    Some(refusal.reason),
-                ))
-                .await;
-            refusal.error.into_response()
-        }
+    let principal = match decide(&state, req.headers(), access, info.client_ip).await {
+        Ok(principal) => principal,
+        Err(refusal) => return refuse(&state, &ctx, req.headers(), refusal).await,
+    };
+    let limits = if principal.rate_limits.is_empty() {
+        &state.config().default_rate_limits
+    } else {
+        &principal.rate_limits
+    };
+    let decision = if limits.is_empty() {
+        None
+    } else {
+        Some(state.rate_limiter().check(&principal.key_id, limits).await)
+    };
+    if let Some(d) = decision.filter(|d| !d.allowed) {
+        let refusal = Refusal::new(
+            ApiError::rate_limited(d.retry_after_secs),
+            "rate_limited",
+            Some(principal),
+        );
+        let mut response = refuse(&state, &ctx, req.headers(), refusal).await;
+        rate_limit_headers(&mut response, d);
+        return response;
     }
+    state.metrics().observe_auth("allowed", "ok");
+    state
+        .audit()
+        .record(auth_row(
+            &ctx,
+            Some(&principal),
+            None,
+            Outcome::Allowed,
+            None,
+        ))
+        .await;
+    principal.record_use(Timestamp::now());
+    req.extensions_mut().insert(Caller(principal));
+    req.extensions_mut().insert(Ctx(ctx));
+    let mut response = next.run(req).await;
+    if let Some(d) = decision {
+        rate_limit_headers(&mut response, d);
+    }
+    response
+}
+
+async fn refuse(
+    state: &AppState,
+    ctx: &RequestContext,
+    headers: &HeaderMap,
+    refusal: Refusal,
+) -> Response {
+    state.metrics().observe_auth("denied", refusal.reason);
+    let presented = credential(headers);
+    if refusal.counts_as_bad_credential
+        && let Some(limit) = state.config().auth_failure_limit
+        && let Some(ip) = &ctx.client_ip
+    {
+        state.auth_failures().count(ip, limit);
+    }
+    state
+        .audit()
+        .record(auth_row(
+            ctx,
+            refusal.key.as_deref(),
+            presented.and_then(format::prefix_of),
+            Outcome::Denied,
+            Some(refusal.reason),
+        ))
+        .await;
+    refusal.error.into_response()
+}
+
+fn rate_limit_headers(response: &mut Response, d: RateDecision) {
+    let headers = response.headers_mut();
+    headers.insert("ratelimit-limit", HeaderValue::from(d.limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
+    headers.insert("ratelimit-reset", HeaderValue::from(d.reset_secs));
 }
 
 /// A refused request: what the client sees, and what the audit row says.
@@ -91,11 +144,29 @@ struct Refusal {
     error: ApiError,
     reason: &'static str,
     key: Option<Arc<Principal>>,
+    /// An invalid credential (not a valid key refused for scope, IP or rate).
+    counts_as_bad_credential: bool,
 }
 
 impl Refusal {
     fn new(error: ApiError, reason: &'static str, key: Option<Arc<Principal>>) -> Refusal {
-        Refusal { error, reason, key }
+        Refusal {
+            error,
+            reason,
+            key,
+            counts_as_bad_credential: false,
+        }
+    }
+
+    fn bad_credential(
+        error: ApiError,
+        reason: &'static str,
+        key: Option<Arc<Principal>>,
+    ) -> Refusal {
+        Refusal {
+            counts_as_bad_credential: true,
+            ..Refusal::new(error, reason, key)
+        }
     }
 }
 
@@ -125,7 +196,7 @@ async fn decide(
     let principal = match state.keys().verify(credential).await {
         Ok(Some(p)) => p,
         Ok(None) => {
-            return Err(Refusal::new(
+            return Err(Refusal::bad_credential(
                 ApiError::unauthorized("Invalid API key"),
                 "unknown_credential",
                 None,
@@ -138,7 +209,11 @@ async fn decide(
                     ApiError::unauthorized("Invalid API key")
                 }
             };
-            return Err(Refusal::new(error, denied.failure.reason(), denied.key));
+            return Err(Refusal::bad_credential(
+                error,
+                denied.failure.reason(),
+                denied.key,
+            ));
         }
     };
     if !principal.allowed_ips.is_empty()

@@ -13,6 +13,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Extension};
 use axum::middleware;
 use axum::response::IntoResponse;
+use sandgate_core::limits::RateLimiter;
 use tokio::net::TcpListener;
 
 pub mod auth;
@@ -107,6 +108,8 @@ async fn maintain(state: AppState) {
                 if let Err(e) = state.keys().record_expired_keys().await {
                     tracing::warn!(error = %e, "expiry sweep failed");
                 }
+                state.auth_failures().forget_idle();
+                state.rate_limiter().forget_idle();
             }
         }
     }

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use sandgate_core::audit::AuditLog;
 use sandgate_core::keys::KeyService;
+use sandgate_core::limits::{LocalRateLimiter, RateLimiter};
+use sandgate_core::model::RateLimit;
 use sandgate_core::net::IpNet;
 use sandgate_core::store::{AuditStore, KeyStore, SqliteStore, StoreError};
 
@@ -27,6 +29,11 @@ pub struct ServerConfig {
     pub usage_flush_interval: Duration,
     /// How often passed expiries are looked for (to write `key.expired` events).
     pub expiry_sweep_interval: Duration,
+    /// Limits for keys that have none of their own; empty = unlimited.
+    pub default_rate_limits: Vec<RateLimit>,
+    /// Invalid credentials one client IP may present before it is refused with 429
+    /// without any lookup; `None` turns the throttle off.
+    pub auth_failure_limit: Option<RateLimit>,
 }
 
 impl ServerConfig {
@@ -39,6 +46,11 @@ impl ServerConfig {
             key_sync_interval: Duration::from_millis(500),
             usage_flush_interval: Duration::from_secs(1),
             expiry_sweep_interval: Duration::from_secs(5),
+            default_rate_limits: Vec::new(),
+            auth_failure_limit: Some(RateLimit {
+                limit: 30,
+                window_sec: 60,
+            }),
         }
     }
 }
@@ -60,6 +72,9 @@ struct Inner {
     audit: AuditLog,
     audit_store: Arc<dyn AuditStore>,
     metrics: Metrics,
+    rate_limiter: Arc<dyn RateLimiter>,
+    /// Counts invalid credentials per client IP.
+    auth_failures: LocalRateLimiter,
 }
 
 impl AppState {
@@ -77,6 +92,8 @@ impl AppState {
             audit,
             audit_store,
             metrics: Metrics::default(),
+            rate_limiter: Arc::new(LocalRateLimiter::default()),
+            auth_failures: LocalRateLimiter::default(),
         })))
     }
 
@@ -98,5 +115,13 @@ impl AppState {
 
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
+    }
+
+    pub fn rate_limiter(&self) -> &dyn RateLimiter {
+        &*self.0.rate_limiter
+    }
+
+    pub fn auth_failures(&self) -> &LocalRateLimiter {
+        &self.0.auth_failures
     }
 }

@@ -5,5 +5,6 @@ mod common;
 mod errors;
 mod isolation;
 mod keys;
+mod limits;
 mod openapi;
 mod policy;

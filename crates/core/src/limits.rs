@@ -1,0 +1,273 @@
+//! Rate limits: GCRA (the generic cell rate algorithm), exact under concurrency.
+//!
+//! A limit `{limit: N, windowSec: W}` lets a burst of N requests through at once,
+//! then one every W/N seconds: at no point do more than N requests pass in any
+//! window of W seconds. Several limits on one subject are checked together under
+//! one lock, and a request refused by any of them consumes none. The
+//! [`RateLimiter`] trait is what the edge calls; [`LocalRateLimiter`] keeps state in
+//! this process, a Redis backend will share it between nodes.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use async_trait::async_trait;
+
+use crate::model::RateLimit;
+
+/// The answer for one request, with what the `RateLimit-*` headers report: the
+/// limit with the fewest requests left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateDecision {
+    pub allowed: bool,
+    pub limit: u32,
+    pub remaining: u32,
+    /// Seconds until that limit is fully replenished.
+    pub reset_secs: u64,
+    /// When refused: seconds until a request would pass.
+    pub retry_after_secs: u64,
+}
+
+#[async_trait]
+pub trait RateLimiter: Send + Sync + 'static {
+    /// Counts one request of `subject` against every limit, if all of them allow it.
+    async fn check(&self, subject: &str, limits: &[RateLimit]) -> RateDecision;
+
+    /// Drops state that no longer limits anything, to bound memory.
+    fn forget_idle(&self) {}
+}
+
+/// GCRA state of one subject: the theoretical arrival time per limit.
+#[derive(Debug, Default)]
+struct Cells {
+    /// (limit, tat in ns since the limiter's epoch).
+    tats: Vec<(RateLimit, u64)>,
+}
+
+/// Limits kept in this process.
+#[derive(Debug)]
+pub struct LocalRateLimiter {
+    epoch: Instant,
+    subjects: Mutex<HashMap<String, Cells>>,
+}
+
+impl Default for LocalRateLimiter {
+    fn default() -> Self {
+        LocalRateLimiter {
+            epoch: Instant::now(),
+            subjects: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+fn window_ns(l: RateLimit) -> u64 {
+    u64::from(l.window_sec) * 1_000_000_000
+}
+
+fn interval_ns(l: RateLimit) -> u64 {
+    (window_ns(l) / u64::from(l.limit.max(1))).max(1)
+}
+
+fn ceil_secs(ns: u64) -> u64 {
+    ns.div_ceil(1_000_000_000)
+}
+
+impl LocalRateLimiter {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// The decision at `now` (ns since epoch); separate from the clock for tests.
+    fn check_at(&self, subject: &str, limits: &[RateLimit], now: u64) -> RateDecision {
+        let mut subjects = self.subjects.lock().unwrap_or_else(|p| p.into_inner());
+        let cells = match subjects.get_mut(subject) {
+            Some(c) => c,
+            None => subjects.entry(subject.to_owned()).or_default(),
+        };
+        // Limits changed since last time: keep the cells that still apply.
+        if cells.tats.len() != limits.len()
+            || cells.tats.iter().zip(limits).any(|((l, _), n)| l != n)
+        {
+            let old = std::mem::take(&mut cells.tats);
+            cells.tats = limits
+                .iter()
+                .map(|l| {
+                    let tat = old.iter().find(|(o, _)| o == l).map_or(now, |(_, t)| *t);
+                    (*l, tat)
+                })
+                .collect();
+        }
+        // First pass: would every limit allow it?
+        let mut refused: Option<RateDecision> = None;
+        for (l, tat) in &cells.tats {
+            let tat = (*tat).max(now);
+            let (t, w) = (interval_ns(*l), window_ns(*l));
+            if tat + t > now + w {
+                let wait = tat + t - (now + w);
+                let d = RateDecision {
+                    allowed: false,
+                    limit: l.limit,
+                    remaining: 0,
+                    reset_secs: ceil_secs(tat - now),
+                    retry_after_secs: ceil_secs(wait).max(1),
+                };
+                if refused.is_none_or(|r| d.retry_after_secs > r.retry_after_secs) {
+                    refused = Some(d);
+                }
+            }
+        }
+        if let Some(d) = refused {
+            return d;
+        }
+        // Second pass: consume from all of them; report the tightest.
+        let mut report: Option<RateDecision> = None;
+        for (l, tat) in cells.tats.iter_mut() {
+            let (t, w) = (interval_ns(*l), window_ns(*l));
+            *tat = (*tat).max(now) + t;
+            let remaining = ((now + w).saturating_sub(*tat) / t) as u32;
+            let d = RateDecision {
+                allowed: true,
+                limit: l.limit,
+                remaining,
+                reset_secs: ceil_secs(*tat - now),
+                retry_after_secs: 0,
+            };
+            if report.is_none_or(|r| d.remaining < r.remaining) {
+                report = Some(d);
+            }
+        }
+        report.unwrap_or(RateDecision {
+            allowed: true,
+            limit: 0,
+            remaining: 0,
+            reset_secs: 0,
+            retry_after_secs: 0,
+        })
+    }
+
+    /// Whether `subject` would be refused now, without counting anything.
+    pub fn would_refuse(&self, subject: &str, limit: RateLimit) -> Option<u64> {
+        let now = self.now_ns();
+        let subjects = self.subjects.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, tat) = subjects
+            .get(subject)?
+            .tats
+            .iter()
+            .find(|(l, _)| *l == limit)?;
+        let tat = (*tat).max(now);
+        let (t, w) = (interval_ns(limit), window_ns(limit));
+        (tat + t > now + w).then(|| ceil_secs(tat + t - (now + w)).max(1))
+    }
+
+    /// Counts one event of `subject` against `limit` (used for failed-auth throttling).
+    pub fn count(&self, subject: &str, limit: RateLimit) {
+        let now = self.now_ns();
+        let _ = self.check_at(subject, &[limit], now);
+    }
+
+    /// Forgets subjects whose every cell is back to full: bounds memory.
+    fn prune(&self) {
+        let now = self.now_ns();
+        let mut subjects = self.subjects.lock().unwrap_or_else(|p| p.into_inner());
+        subjects.retain(|_, cells| cells.tats.iter().any(|(_, tat)| *tat > now));
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.subjects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+#[async_trait]
+impl RateLimiter for LocalRateLimiter {
+    async fn check(&self, subject: &str, limits: &[RateLimit]) -> RateDecision {
+        self.check_at(subject, limits, self.now_ns())
+    }
+
+    fn forget_idle(&self) {
+        self.prune();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rl(limit: u32, window_sec: u32) -> RateLimit {
+        RateLimit { limit, window_sec }
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_burst_of_exactly_limit_passes_then_one_per_interval() {
+        let l = LocalRateLimiter::default();
+        let limits = [rl(10, 60)];
+        let t0 = 5 * S;
+        let passed = (0..25)
+            .filter(|_| l.check_at("k", &limits, t0).allowed)
+            .count();
+        assert_eq!(passed, 10);
+        // One more every 6 s.
+        assert!(!l.check_at("k", &limits, t0 + 5 * S).allowed);
+        assert!(l.check_at("k", &limits, t0 + 6 * S).allowed);
+        assert!(!l.check_at("k", &limits, t0 + 6 * S).allowed);
+    }
+
+    #[test]
+    fn never_more_than_limit_in_any_window() {
+        let l = LocalRateLimiter::default();
+        let limits = [rl(7, 10)];
+        let mut passed_at = Vec::new();
+        for step in 0..2000u64 {
+            let now = step * S / 50; // 50 requests a second for 40 s
+            if l.check_at("k", &limits, now).allowed {
+                passed_at.push(now);
+            }
+        }
+        for (i, start) in passed_at.iter().enumerate() {
+            let in_window = passed_at[i..]
+                .iter()
+                .take_while(|t| **t < start + 10 * S)
+                .count();
+            assert!(in_window <= 7, "{in_window} in one window");
+        }
+        // And the long-run rate is the limit's.
+        assert!(
+            (passed_at.len() as i64 - (7 + 7 * 40 / 10)).abs() <= 1,
+            "{}",
+            passed_at.len()
+        );
+    }
+
+    #[test]
+    fn all_limits_must_allow_and_a_refusal_consumes_none() {
+        let l = LocalRateLimiter::default();
+        let limits = [rl(100, 60), rl(2, 1)];
+        assert!(l.check_at("k", &limits, 0).allowed);
+        let d = l.check_at("k", &limits, 0);
+        assert!(d.allowed);
+        assert_eq!(d.limit, 2);
+        assert_eq!(d.remaining, 0);
+        let refused = l.check_at("k", &limits, 0);
+        assert!(!refused.allowed);
+        assert_eq!(refused.limit, 2);
+        assert!(refused.retry_after_secs >= 1);
+        // The per-minute limit was not charged for the refused request.
+        let d = l.check_at("k", &[rl(100, 60)], S);
+        assert_eq!(d.remaining, 97);
+    }
+
+    #[test]
+    fn subjects_are_independent_and_pruned_when_full() {
+        let l = LocalRateLimiter::default();
+        assert!(l.check_at("a", &[rl(1, 1)], 0).allowed);
+        assert!(!l.check_at("a", &[rl(1, 1)], 0).allowed);
+        assert!(l.check_at("b", &[rl(1, 1)], 0).allowed);
+        assert_eq!(l.tracked(), 2);
+        l.prune();
+        assert_eq!(l.tracked(), 2, "still limiting at t=0");
+    }
+}
