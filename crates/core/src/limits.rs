@@ -1,8 +1,9 @@
 //! Rate limits: GCRA (the generic cell rate algorithm), exact under concurrency.
 //!
-//! A limit `{limit: N, windowSec: W}` lets a burst of N requests through at once,
-//! then one every W/N seconds: at no point do more than N requests pass in any
-//! window of W seconds. Several limits on one subject are checked together under
+//! A limit `{limit: N, windowSec: W}` is a bucket of N requests that refills at N
+//! per W seconds: a burst of N passes at once (and the N+1st simultaneous request is
+//! refused), then one more every W/N seconds. Over any span of t seconds at most
+//! N + N·t/W requests pass. Several limits on one subject are checked together under
 //! one lock, and a request refused by any of them consumes none. The
 //! [`RateLimiter`] trait is what the edge calls; [`LocalRateLimiter`] keeps state in
 //! this process, a Redis backend will share it between nodes.
@@ -217,7 +218,7 @@ mod tests {
     }
 
     #[test]
-    fn never_more_than_limit_in_any_window() {
+    fn bursts_never_exceed_the_bucket_and_the_rate_holds() {
         let l = LocalRateLimiter::default();
         let limits = [rl(7, 10)];
         let mut passed_at = Vec::new();
@@ -256,7 +257,7 @@ mod tests {
         assert_eq!(refused.limit, 2);
         assert!(refused.retry_after_secs >= 1);
         // The per-minute limit was not charged for the refused request.
-        let d = l.check_at("k", &[rl(100, 60)], S);
+        let d = l.check_at("k", &[rl(100, 60)], 0);
         assert_eq!(d.remaining, 97);
     }
 
