@@ -229,11 +229,14 @@ mod tests {
             }
         }
         for (i, start) in passed_at.iter().enumerate() {
-            let in_window = passed_at[i..]
-                .iter()
-                .take_while(|t| **t < start + 10 * S)
-                .count();
-            assert!(in_window <= 7, "{in_window} in one window");
+            for span in [S, 5 * S, 10 * S, 20 * S] {
+                let n = passed_at[i..]
+                    .iter()
+                    .take_while(|t| **t < start + span)
+                    .count() as u64;
+                let bound = 7 + 7 * span / (10 * S) + 1;
+                assert!(n <= bound, "{n} in {span} ns (bound {bound})");
+            }
         }
         // And the long-run rate is the limit's.
         assert!(
