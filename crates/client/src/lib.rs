@@ -4,7 +4,10 @@
 //! this crate stays free of the server's types. Error responses become
 //! [`ClientError::Api`] with the SPEC's code, message and request id.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use ureq::tls::{RootCerts, TlsConfig};
 
 use serde_json::{Value, json};
 pub use ureq::http::{HeaderMap, Method, StatusCode};
@@ -84,11 +87,45 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client of the server at `base_url` (e.g. `http://127.0.0.1:8080`).
+    /// A client of the server at `base_url` (e.g. `http://127.0.0.1:8080`); for
+    /// `https://`, the server's certificate must chain to a public root.
     pub fn new(base_url: &str, key: Option<String>) -> Client {
+        Client::build(base_url, key, RootCerts::WebPki)
+    }
+
+    /// Like [`Client::new`], trusting only the CA certificates in `ca_pem` for HTTPS
+    /// (a private CA or a self-signed server certificate).
+    pub fn with_ca_pem(
+        base_url: &str,
+        key: Option<String>,
+        ca_pem: &[u8],
+    ) -> Result<Client, ClientError> {
+        let certs = ureq::tls::parse_pem(ca_pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                Ok(_) => None,
+                Err(e) => Some(Err(ClientError::Transport(format!(
+                    "bad CA certificate: {e}"
+                )))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if certs.is_empty() {
+            return Err(ClientError::Transport(
+                "no certificate in the CA file".into(),
+            ));
+        }
+        Ok(Client::build(
+            base_url,
+            key,
+            RootCerts::Specific(Arc::new(certs)),
+        ))
+    }
+
+    fn build(base_url: &str, key: Option<String>, roots: RootCerts) -> Client {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(120)))
+            .tls_config(TlsConfig::builder().root_certs(roots).build())
             .build();
         Client {
             base: base_url.trim_end_matches('/').to_owned(),

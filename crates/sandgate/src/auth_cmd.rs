@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use sandgate_client::Client;
 
 use crate::{output, remote};
 
@@ -48,7 +47,7 @@ pub fn run(args: AuthArgs) -> Result<ExitCode> {
                     line.trim().to_owned()
                 }
             };
-            let who = Client::new(&url, Some(key.clone()))
+            let who = remote::make_client(&url, Some(key.clone()))?
                 .whoami()
                 .context("the server refused this key")?;
             let path = remote::save(&remote::SavedCredentials {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use sandgate_core::net::IpNet;
-use sandgate_server::ServerConfig;
+use sandgate_server::{ServerConfig, TlsFiles};
 use serde::Deserialize;
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
@@ -22,6 +22,8 @@ pub struct Layer {
     pub trusted_proxies: Option<Vec<String>>,
     pub allowed_ips: Option<Vec<String>>,
     pub log: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Layer {
@@ -41,6 +43,8 @@ impl Layer {
             trusted_proxies: list("SANDGATE_TRUSTED_PROXIES"),
             allowed_ips: list("SANDGATE_ALLOWED_IPS"),
             log: var("SANDGATE_LOG"),
+            tls_cert: var("SANDGATE_TLS_CERT").map(PathBuf::from),
+            tls_key: var("SANDGATE_TLS_KEY").map(PathBuf::from),
         })
     }
 
@@ -58,6 +62,8 @@ impl Layer {
             trusted_proxies: self.trusted_proxies.or(below.trusted_proxies),
             allowed_ips: self.allowed_ips.or(below.allowed_ips),
             log: self.log.or(below.log),
+            tls_cert: self.tls_cert.or(below.tls_cert),
+            tls_key: self.tls_key.or(below.tls_key),
         }
     }
 }
@@ -68,6 +74,7 @@ pub struct Settings {
     pub addr: SocketAddr,
     pub server: ServerConfig,
     pub log: String,
+    pub tls: Option<TlsFiles>,
 }
 
 /// Merges env < file < flags into settings.
@@ -93,10 +100,16 @@ pub fn resolve(env: Layer, file: Option<Layer>, flags: Layer) -> Result<Settings
         "trusted proxies",
     )?;
     server.allowed_ips = nets(merged.allowed_ips.unwrap_or_default(), "allowed IPs")?;
+    let tls = match (merged.tls_cert, merged.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        (None, None) => None,
+        _ => bail!("TLS needs both a certificate (--tls-cert) and a key (--tls-key)"),
+    };
     Ok(Settings {
         addr,
         server,
         log: merged.log.unwrap_or_else(|| "info".to_owned()),
+        tls,
     })
 }
 
@@ -163,5 +176,10 @@ mod tests {
             toml::from_str("addr = \"0.0.0.0:9\"\nallowed_ips = [\"10.0.0.0/8\"]").unwrap();
         assert_eq!(file.addr.as_deref(), Some("0.0.0.0:9"));
         assert!(toml::from_str::<Layer>("adr = 1").is_err());
+        let half = Layer {
+            tls_cert: Some("cert.pem".into()),
+            ..Layer::default()
+        };
+        assert!(resolve(half, None, Layer::default()).is_err());
     }
 }

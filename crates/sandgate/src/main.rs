@@ -25,7 +25,6 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-#[expect(clippy::large_enum_variant, reason = "parsed once per process")]
 enum Command {
     /// Start the server.
     Serve(serve::ServeArgs),

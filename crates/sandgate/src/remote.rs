@@ -56,5 +56,17 @@ pub fn client() -> Result<Client> {
         .filter(|k| !k.is_empty())
         .or_else(|| load_saved().map(|c| c.key))
         .context("no API key: set SANDGATE_API_KEY, run `sandgate auth login`, or pass --data-dir to work on a local store")?;
-    Ok(Client::new(&server_url(), Some(key)))
+    make_client(&server_url(), Some(key))
+}
+
+/// A client of `url`; HTTPS trusts `SANDGATE_CA_CERT` (a PEM file) when it is set.
+pub fn make_client(url: &str, key: Option<String>) -> Result<Client> {
+    match std::env::var_os("SANDGATE_CA_CERT") {
+        Some(path) => {
+            let pem = std::fs::read(&path)
+                .with_context(|| format!("reading SANDGATE_CA_CERT {}", path.to_string_lossy()))?;
+            Ok(Client::with_ca_pem(url, key, &pem)?)
+        }
+        None => Ok(Client::new(url, key)),
+    }
 }

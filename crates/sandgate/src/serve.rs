@@ -26,6 +26,12 @@ pub struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long)]
     max_body_bytes: Option<usize>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
@@ -34,6 +40,8 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         addr: args.addr,
         data_dir: args.data_dir,
         max_body_bytes: args.max_body_bytes,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
         ..Layer::default()
     };
     let settings = config::resolve(Layer::from_env()?, file, flags)?;
@@ -74,10 +82,14 @@ async fn serve(settings: config::Settings) -> Result<()> {
         .with_context(|| format!("binding {}", settings.addr))?;
     tracing::info!(
         addr = %listener.local_addr()?,
+        tls = settings.tls.is_some(),
         data_dir = %data_dir.display(),
         "sandgate listening; credential sources: stored API keys"
     );
-    sandgate_server::run(listener, state, shutdown_signal()).await?;
+    match &settings.tls {
+        Some(tls) => sandgate_server::run_tls(listener, state, tls, shutdown_signal()).await?,
+        None => sandgate_server::run(listener, state, shutdown_signal()).await?,
+    }
     tracing::info!("sandgate stopped; pending counters and audit rows written");
     Ok(())
 }

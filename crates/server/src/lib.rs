@@ -5,14 +5,16 @@
 //! metrics), the body limit, routing, [`auth::authorize`] (credential, policy,
 //! allowlists, audit), then its handler.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Extension};
 use axum::middleware;
 use axum::response::IntoResponse;
+use axum_server::tls_rustls::RustlsConfig;
 use sandgate_core::limits::RateLimiter;
 use tokio::net::TcpListener;
 
@@ -61,16 +63,55 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let maintenance = tokio::spawn(maintain(state.clone()));
-    let result = axum::serve(
-        listener,
-        app(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    let make_service = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    serve_until_flushed(
+        &state,
+        axum::serve(listener, make_service)
+            .with_graceful_shutdown(shutdown)
+            .into_future(),
     )
-    .with_graceful_shutdown(shutdown)
-    .await;
+    .await
+}
+
+/// Certificate chain and private key, PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Like [`run`], over TLS (rustls with the ring provider; HTTP/1.1 and HTTP/2).
+pub async fn run_tls(
+    listener: TcpListener,
+    state: AppState,
+    tls: &TlsFiles,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    // Another caller may have installed it already; either way ring is in place.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = RustlsConfig::from_pem_file(&tls.cert, &tls.key).await?;
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stopper.graceful_shutdown(Some(std::time::Duration::from_secs(30)));
+    });
+    let make_service = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum_server::from_tcp_rustls(listener.into_std()?, config)?
+        .handle(handle)
+        .serve(make_service);
+    serve_until_flushed(&state, server).await
+}
+
+async fn serve_until_flushed(
+    state: &AppState,
+    server: impl Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    let maintenance = tokio::spawn(maintain(state.clone()));
+    let result = server.await;
     maintenance.abort();
     let _ = maintenance.await;
-    flush(&state).await;
+    flush(state).await;
     result
 }
 

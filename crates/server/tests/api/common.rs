@@ -4,12 +4,14 @@
 use std::thread::JoinHandle;
 
 use sandgate_client::{Client, Method, RawResponse};
-use sandgate_server::{AppState, ServerConfig};
+use sandgate_server::{AppState, ServerConfig, TlsFiles};
 use serde_json::{Value, json};
 
 pub struct TestApp {
     pub url: String,
     pub admin_key: String,
+    /// The self-signed certificate of a TLS server.
+    ca_pem: Option<Vec<u8>>,
     /// Removed when the app is dropped.
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -23,7 +25,30 @@ impl TestApp {
 
     /// Starts a server whose configuration `tweak` may change.
     pub fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestApp {
+        TestApp::start_inner(tweak, false)
+    }
+
+    /// A server speaking HTTPS with a fresh self-signed certificate for 127.0.0.1.
+    pub fn start_tls() -> TestApp {
+        TestApp::start_inner(|_| {}, true)
+    }
+
+    fn start_inner(tweak: impl FnOnce(&mut ServerConfig), tls: bool) -> TestApp {
         let dir = tempfile::tempdir().expect("temp dir");
+        let tls = tls.then(|| {
+            let cert =
+                rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+                    .expect("self-signed certificate");
+            let files = TlsFiles {
+                cert: dir.path().join("cert.pem"),
+                key: dir.path().join("key.pem"),
+            };
+            std::fs::write(&files.cert, cert.cert.pem()).unwrap();
+            std::fs::write(&files.key, cert.signing_key.serialize_pem()).unwrap();
+            (files, cert.cert.pem().into_bytes())
+        });
+        let ca_pem = tls.as_ref().map(|(_, pem)| pem.clone());
+        let tls_files = tls.map(|(files, _)| files);
         let mut config = ServerConfig::new(dir.path());
         config.key_sync_interval = std::time::Duration::from_millis(100);
         config.usage_flush_interval = std::time::Duration::from_millis(200);
@@ -50,16 +75,23 @@ impl TestApp {
                     .expect("bind");
                 let addr = listener.local_addr().expect("addr");
                 ready_tx.send((addr, admin.secret)).expect("report ready");
-                sandgate_server::run(listener, state, async {
+                let shutdown = async {
                     let _ = stopped.await;
-                })
-                .await
+                };
+                match tls_files {
+                    Some(files) => {
+                        sandgate_server::run_tls(listener, state, &files, shutdown).await
+                    }
+                    None => sandgate_server::run(listener, state, shutdown).await,
+                }
                 .expect("serve");
             });
         });
         let (addr, admin_key) = ready_rx.recv().expect("server started");
+        let scheme = if ca_pem.is_some() { "https" } else { "http" };
         TestApp {
-            url: format!("http://{addr}"),
+            url: format!("{scheme}://{addr}"),
+            ca_pem,
             admin_key,
             _dir: dir,
             stop: Some(stop),
@@ -68,15 +100,22 @@ impl TestApp {
     }
 
     pub fn admin(&self) -> Client {
-        Client::new(&self.url, Some(self.admin_key.clone()))
+        self.make_client(Some(self.admin_key.clone()))
     }
 
     pub fn anonymous(&self) -> Client {
-        Client::new(&self.url, None)
+        self.make_client(None)
     }
 
     pub fn client(&self, key: &str) -> Client {
-        Client::new(&self.url, Some(key.to_owned()))
+        self.make_client(Some(key.to_owned()))
+    }
+
+    fn make_client(&self, key: Option<String>) -> Client {
+        match &self.ca_pem {
+            Some(pem) => Client::with_ca_pem(&self.url, key, pem).expect("CA"),
+            None => Client::new(&self.url, key),
+        }
     }
 
     /// Creates a key with the admin key; returns (plaintext, key object).

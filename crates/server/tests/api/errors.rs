@@ -288,3 +288,20 @@ fn forwarded_addresses_count_only_from_trusted_proxies() {
         "IP_NOT_ALLOWED",
     );
 }
+
+#[test]
+fn tls_serves_the_same_api() {
+    let app = TestApp::start_tls();
+    assert!(app.url.starts_with("https://"));
+    assert_eq!(app.admin().whoami().unwrap()["name"], "admin");
+    assert_error(&app.get(None, "/v1/keys"), 401, "UNAUTHORIZED");
+    // Plain HTTP to the TLS port gets no API answer.
+    let plain = sandgate_client::Client::new(&app.url.replace("https://", "http://"), None);
+    assert!(plain.health().is_err());
+    // A client that does not trust the certificate refuses to talk.
+    let untrusting = sandgate_client::Client::new(&app.url, Some(app.admin_key.clone()));
+    assert!(matches!(
+        untrusting.whoami(),
+        Err(sandgate_client::ClientError::Transport(_))
+    ));
+}
