@@ -10,3 +10,4 @@ pub mod net;
 pub mod principal;
 pub mod scopes;
 pub mod store;
+pub mod usage;

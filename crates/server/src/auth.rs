@@ -96,6 +96,7 @@ pub async fn authorize(
         ))
         .await;
     principal.record_use(Timestamp::now());
+    state.usage().request(&principal);
     req.extensions_mut().insert(Caller(principal));
     req.extensions_mut().insert(Ctx(ctx));
     let mut response = next.run(req).await;
@@ -112,6 +113,9 @@ async fn refuse(
     refusal: Refusal,
 ) -> Response {
     state.metrics().observe_auth("denied", refusal.reason);
+    if let Some(key) = &refusal.key {
+        state.usage().denied(key);
+    }
     let presented = credential(headers);
     if refusal.counts_as_bad_credential
         && let Some(limit) = state.config().auth_failure_limit

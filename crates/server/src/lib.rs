@@ -120,6 +120,9 @@ pub async fn flush(state: &AppState) {
     if let Err(e) = state.keys().flush_usage().await {
         tracing::error!(error = %e, "could not write key usage");
     }
+    if let Err(e) = state.usage().flush(state.usage_store()).await {
+        tracing::error!(error = %e, "could not write usage counters");
+    }
     state.audit().flush().await;
 }
 
@@ -142,6 +145,9 @@ async fn maintain(state: AppState) {
             }
             _ = usage.tick() => {
                 if let Err(e) = state.keys().flush_usage().await {
+                    tracing::warn!(error = %e, "key usage flush failed");
+                }
+                if let Err(e) = state.usage().flush(state.usage_store()).await {
                     tracing::warn!(error = %e, "usage flush failed");
                 }
             }

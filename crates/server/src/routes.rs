@@ -14,7 +14,7 @@ use axum::routing::{MethodFilter, on};
 use sandgate_core::scopes::Scope;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
-use crate::handlers::{audit, keys, meta};
+use crate::handlers::{audit, keys, meta, usage};
 use crate::state::AppState;
 
 /// What a route demands of its caller.
@@ -242,6 +242,23 @@ pub fn table() -> RouteTable {
             .body::<sandgate_core::keys::api::ResetExecutionsRequest>()
             .returns::<sandgate_core::keys::api::KeyView>(200),
             keys::reset_executions,
+        )
+        // ---- usage ----
+        .add(
+            get("/v1/usage", Needs(Scope::BillingRead), "getUsage")
+                .summary(
+                    "Requests, denied requests, executions, CPU and sandbox time, by key or day",
+                )
+                .query(&[
+                    (
+                        "from",
+                        "first day, YYYY-MM-DD or RFC 3339 (default: 30 days ago)",
+                    ),
+                    ("to", "last day, inclusive (default: today)"),
+                    ("groupBy", "key (default) or day"),
+                ])
+                .returns::<usage::UsageList>(200),
+            usage::get_usage,
         )
         // ---- audit ----
         .add(

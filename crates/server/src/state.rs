@@ -9,7 +9,8 @@ use sandgate_core::keys::KeyService;
 use sandgate_core::limits::{LocalRateLimiter, RateLimiter};
 use sandgate_core::model::RateLimit;
 use sandgate_core::net::IpNet;
-use sandgate_core::store::{AuditStore, KeyStore, SqliteStore, StoreError};
+use sandgate_core::store::{AuditStore, KeyStore, SqliteStore, StoreError, UsageStore};
+use sandgate_core::usage::UsageRecorder;
 
 use crate::metrics::Metrics;
 
@@ -75,6 +76,8 @@ struct Inner {
     rate_limiter: Arc<dyn RateLimiter>,
     /// Counts invalid credentials per client IP.
     auth_failures: LocalRateLimiter,
+    usage: UsageRecorder,
+    usage_store: Arc<dyn UsageStore>,
 }
 
 impl AppState {
@@ -83,7 +86,8 @@ impl AppState {
     pub async fn open(config: ServerConfig) -> Result<AppState, StoreError> {
         let store = SqliteStore::open(&config.data_dir)?;
         let key_store: Arc<dyn KeyStore> = Arc::new(store.clone());
-        let audit_store: Arc<dyn AuditStore> = Arc::new(store);
+        let audit_store: Arc<dyn AuditStore> = Arc::new(store.clone());
+        let usage_store: Arc<dyn UsageStore> = Arc::new(store);
         let keys = KeyService::load(key_store).await?;
         let audit = AuditLog::start(Arc::clone(&audit_store));
         Ok(AppState(Arc::new(Inner {
@@ -94,6 +98,8 @@ impl AppState {
             metrics: Metrics::default(),
             rate_limiter: Arc::new(LocalRateLimiter::default()),
             auth_failures: LocalRateLimiter::default(),
+            usage: UsageRecorder::default(),
+            usage_store,
         })))
     }
 
@@ -123,5 +129,13 @@ impl AppState {
 
     pub fn auth_failures(&self) -> &LocalRateLimiter {
         &self.0.auth_failures
+    }
+
+    pub fn usage(&self) -> &UsageRecorder {
+        &self.0.usage
+    }
+
+    pub fn usage_store(&self) -> &Arc<dyn UsageStore> {
+        &self.0.usage_store
     }
 }

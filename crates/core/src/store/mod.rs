@@ -8,6 +8,7 @@
 use async_trait::async_trait;
 
 use crate::model::{AuditQuery, AuditRecord, KeyRecord, QuotaRecord, Timestamp};
+use crate::usage::{UsageQuery, UsageRow};
 
 pub mod sqlite;
 
@@ -99,4 +100,12 @@ pub trait AuditStore: Send + Sync + 'static {
 
     /// Whether the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+pub trait UsageStore: Send + Sync + 'static {
+    /// Adds each row's counts to the stored (day, key) totals, in one transaction.
+    async fn add_usage(&self, rows: &[UsageRow]) -> Result<(), StoreError>;
+
+    async fn query_usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError>;
 }

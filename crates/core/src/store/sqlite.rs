@@ -11,11 +11,13 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
-use super::{AuditStore, Changes, KeyStore, KeyUsage, QuotaChange, StoreError};
+use super::{AuditStore, Changes, KeyStore, KeyUsage, QuotaChange, StoreError, UsageStore};
 use crate::model::{AuditQuery, AuditRecord, Env, KeyRecord, Outcome, QuotaRecord, Timestamp};
+use crate::usage::{UsageCounts, UsageQuery, UsageRow};
 
 /// Schema versions, applied in order; `PRAGMA user_version` says how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO meta (name, value) VALUES ('rev', 0);
 CREATE TABLE quotas (
@@ -67,7 +69,23 @@ CREATE TABLE audit_log (
 );
 CREATE INDEX audit_log_tenant ON audit_log (tenant, env, seq);
 CREATE INDEX audit_log_key ON audit_log (key_id, seq);
-"#];
+"#,
+    r#"
+CREATE TABLE usage_daily (
+    day INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    env TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    denied_requests INTEGER NOT NULL DEFAULT 0,
+    executions INTEGER NOT NULL DEFAULT 0,
+    cpu_ms INTEGER NOT NULL DEFAULT 0,
+    sandbox_seconds INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, key_id)
+);
+CREATE INDEX usage_daily_tenant ON usage_daily (tenant, env, day);
+"#,
+];
 
 const KEY_COLUMNS: &str = "id, name, description, env, tenant, scopes, prefix, hash, created_at, \
      expires_at, revoked_at, last_used_at, request_count, rate_limits, allowed_ips, metadata, \
@@ -643,6 +661,100 @@ impl AuditStore for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.with_conn(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(db))
             .await
+    }
+}
+
+#[async_trait]
+impl UsageStore for SqliteStore {
+    async fn add_usage(&self, rows: &[UsageRow]) -> Result<(), StoreError> {
+        let rows = rows.to_vec();
+        self.write(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO usage_daily (day, key_id, tenant, env, requests, denied_requests, \
+                     executions, cpu_ms, sandbox_seconds) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                     ON CONFLICT (day, key_id) DO UPDATE SET \
+                     requests = requests + excluded.requests, \
+                     denied_requests = denied_requests + excluded.denied_requests, \
+                     executions = executions + excluded.executions, \
+                     cpu_ms = cpu_ms + excluded.cpu_ms, \
+                     sandbox_seconds = sandbox_seconds + excluded.sandbox_seconds",
+                )
+                .map_err(db)?;
+            for r in &rows {
+                let c = r.counts;
+                stmt.execute(params![
+                    r.day,
+                    r.key_id,
+                    r.tenant,
+                    r.env.as_str(),
+                    u64_to_sql(Some(c.requests)),
+                    u64_to_sql(Some(c.denied_requests)),
+                    u64_to_sql(Some(c.executions)),
+                    u64_to_sql(Some(c.cpu_ms)),
+                    u64_to_sql(Some(c.sandbox_seconds)),
+                ])
+                .map_err(db)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn query_usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+        let q = query.clone();
+        self.with_conn(move |conn| {
+            let (tenant, env) = match &q.tenant_env {
+                Some((t, e)) => (Some(t.clone()), Some(e.as_str())),
+                None => (None, None),
+            };
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT day, key_id, tenant, env, requests, denied_requests, executions, \
+                     cpu_ms, sandbox_seconds FROM usage_daily \
+                     WHERE day BETWEEN ?1 AND ?2 AND (?3 IS NULL OR tenant = ?3) \
+                     AND (?4 IS NULL OR env = ?4) ORDER BY day, key_id",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(params![q.from_day, q.to_day, tenant, env], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        [
+                            r.get::<_, i64>(4)?,
+                            r.get::<_, i64>(5)?,
+                            r.get::<_, i64>(6)?,
+                            r.get::<_, i64>(7)?,
+                            r.get::<_, i64>(8)?,
+                        ],
+                    ))
+                })
+                .map_err(db)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(db)?;
+            rows.into_iter()
+                .map(|(day, key_id, tenant, env, n)| {
+                    let n = n.map(|v| v.max(0) as u64);
+                    Ok(UsageRow {
+                        day,
+                        key_id,
+                        tenant,
+                        env: env.parse().map_err(StoreError::Corrupt)?,
+                        counts: UsageCounts {
+                            requests: n[0],
+                            denied_requests: n[1],
+                            executions: n[2],
+                            cpu_ms: n[3],
+                            sandbox_seconds: n[4],
+                        },
+                    })
+                })
+                .collect()
+        })
+        .await
     }
 }
 
