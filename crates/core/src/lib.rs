@@ -3,6 +3,7 @@
 //! types onto routes and status codes.
 
 pub mod audit;
+pub mod execute;
 pub mod keys;
 pub mod limits;
 pub mod model;

@@ -28,7 +28,7 @@ use crate::model::{AuditRecord, KeyRecord, Outcome, QuotaRecord, Timestamp};
 use crate::net::IpNet;
 use crate::principal::{CredentialSource, Principal, UsageCell};
 use crate::scopes::{Profile, Scope, ScopeSet};
-use crate::store::{Changes, KeyStore, KeyUsage, QuotaChange, StoreError};
+use crate::store::{Changes, KeyStore, KeyUsage, QuotaChange, QuotaExhausted, StoreError};
 
 /// Default rotation grace period: 7 days.
 pub const DEFAULT_GRACE_SEC: u64 = 7 * 86_400;
@@ -347,6 +347,31 @@ impl KeyService {
         self.store.record_expiries(&ids, &audit).await?;
         self.sync().await?;
         Ok(ids.len())
+    }
+
+    // ---- quotas ----
+
+    /// Takes one execution from the principal's quota before a run starts. Durable:
+    /// once this returns, a crash never gives the execution back. `Ok(None)` when the
+    /// key is unlimited (no I/O), `Ok(Some(left))` otherwise.
+    pub async fn consume_execution(&self, p: &Principal) -> Result<Option<u64>, QuotaExhausted> {
+        let Some(quota_id) = p.quota_id.as_deref() else {
+            return Ok(None);
+        };
+        if self.quota(quota_id).limit.is_none() {
+            return Ok(None);
+        }
+        let taken = self.store.consume_execution(quota_id).await;
+        let remaining = match &taken {
+            Ok(left) => *left,
+            Err(QuotaExhausted::Exhausted) => Some(0),
+            Err(QuotaExhausted::Store(_)) => return taken,
+        };
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = cache.quotas.get_mut(quota_id) {
+            q.remaining = remaining;
+        }
+        taken
     }
 
     // ---- reads ----

@@ -26,6 +26,15 @@ pub enum StoreError {
     NoQuota(String),
 }
 
+/// Why an execution could not be taken from a quota.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaExhausted {
+    #[error("no executions remain")]
+    Exhausted,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Request-count and last-use increments gathered off the hot path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyUsage {
@@ -82,6 +91,10 @@ pub trait KeyStore: Send + Sync + 'static {
         change: QuotaChange,
         audit: &[AuditRecord],
     ) -> Result<QuotaRecord, StoreError>;
+
+    /// Takes one execution from a quota, atomically: `Ok(None)` when the quota is
+    /// unlimited, `Ok(Some(remaining))` after taking one, `Err(Exhausted)` when none is left.
+    async fn consume_execution(&self, quota_id: &str) -> Result<Option<u64>, QuotaExhausted>;
 
     /// Marks keys whose `key.expired` event is written, with that event, atomically.
     async fn record_expiries(

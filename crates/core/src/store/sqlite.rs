@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
-use super::{AuditStore, Changes, KeyStore, KeyUsage, QuotaChange, StoreError, UsageStore};
+use super::{
+    AuditStore, Changes, KeyStore, KeyUsage, QuotaChange, QuotaExhausted, StoreError, UsageStore,
+};
 use crate::model::{AuditQuery, AuditRecord, Env, KeyRecord, Outcome, QuotaRecord, Timestamp};
 use crate::usage::{UsageCounts, UsageQuery, UsageRow};
 
@@ -527,6 +529,27 @@ impl KeyStore for SqliteStore {
         .await
     }
 
+    async fn consume_execution(&self, quota_id: &str) -> Result<Option<u64>, QuotaExhausted> {
+        let quota_id = quota_id.to_owned();
+        self.write(move |tx| {
+            let quota = read_quota(tx, &quota_id)?;
+            match quota.remaining {
+                None => Ok(Ok(None)),
+                Some(0) => Ok(Err(QuotaExhausted::Exhausted)),
+                Some(n) => {
+                    let rev = next_rev(tx)?;
+                    tx.execute(
+                        "UPDATE quotas SET remaining = ?2, rev = ?3 WHERE id = ?1",
+                        params![quota_id, u64_to_sql(Some(n - 1)), rev],
+                    )
+                    .map_err(db)?;
+                    Ok(Ok(Some(n - 1)))
+                }
+            }
+        })
+        .await?
+    }
+
     async fn record_expiries(
         &self,
         key_ids: &[String],
@@ -761,6 +784,36 @@ impl UsageStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_consumption_takes_exactly_what_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let quota = QuotaRecord {
+            limit: Some(50),
+            remaining: Some(50),
+        };
+        store.save_keys(&[], &[("q".into(), quota)], &[]).await.unwrap();
+        let tasks: Vec<_> = (0..80)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move { store.consume_execution("q").await })
+            })
+            .collect();
+        let mut taken = 0;
+        let mut refused = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(Some(_)) => taken += 1,
+                Err(QuotaExhausted::Exhausted) => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((taken, refused), (50, 30));
+        // A second handle on the same file (a restart) sees the durable count.
+        let reopened = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.get_quota("q").await.unwrap().remaining, Some(0));
+    }
 
     #[test]
     fn quota_limit_changes_move_remaining_by_the_difference() {

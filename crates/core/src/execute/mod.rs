@@ -1,0 +1,315 @@
+//! One-shot execution (SPEC §3): validate a run request against the server's
+//! limits, run it in a fresh jail, and shape the answer.
+//!
+//! Owns the run's limits and the server-wide cap on simultaneous runs. It does not
+//! know keys or quotas: the caller takes an execution from the quota between
+//! [`Executor::admit`] (a slot is held) and [`Executor::run`] (the program starts).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::keys::api::{InvalidField, invalid};
+
+pub mod languages;
+
+pub use languages::{LANGUAGES, Language, LanguageInfo, catalogue};
+
+/// The server's bounds on one run. Requests ask within them.
+#[derive(Debug, Clone)]
+pub struct ExecLimits {
+    pub default_timeout_ms: u64,
+    pub max_timeout_ms: u64,
+    pub default_memory_mb: u64,
+    pub max_memory_mb: u64,
+    /// Per stream; output beyond it is cut and the run ends as `output_limit`.
+    pub output_cap_bytes: usize,
+    pub max_code_bytes: usize,
+    pub max_stdin_bytes: usize,
+    pub max_data_bytes: usize,
+    pub max_env_vars: usize,
+    /// Processes and threads one run may have at once.
+    pub pids: u32,
+    /// CPU cores one run may use (fractions allowed).
+    pub cpus: f64,
+    /// Size of each of the run's writable tmpfs mounts (`/tmp`, `/workspace`).
+    pub tmpfs_bytes: u64,
+    /// Runs in progress at once, server-wide.
+    pub max_concurrent: usize,
+    /// How long a run waits for a free slot before it is refused.
+    pub queue_wait: Duration,
+}
+
+impl Default for ExecLimits {
+    fn default() -> Self {
+        ExecLimits {
+            default_timeout_ms: 10_000,
+            max_timeout_ms: 60_000,
+            default_memory_mb: 256,
+            max_memory_mb: 2_048,
+            output_cap_bytes: 1024 * 1024,
+            max_code_bytes: 1024 * 1024,
+            max_stdin_bytes: 8 * 1024 * 1024,
+            max_data_bytes: 8 * 1024 * 1024,
+            max_env_vars: 128,
+            pids: 128,
+            cpus: 1.0,
+            tmpfs_bytes: 64 * 1024 * 1024,
+            max_concurrent: 16,
+            queue_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `POST /v1/execute`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecuteRequest {
+    /// `python`, `javascript` or `bash` (see `GET /v1/languages`).
+    pub language: String,
+    pub code: String,
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Any JSON: `data` in Python and JavaScript, and `/sandbox/data.json`.
+    #[serde(default)]
+    pub data: Option<serde_json::Value>,
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Ok,
+    Error,
+    Timeout,
+    MemoryLimit,
+    OutputLimit,
+}
+
+/// The answer to a run, whatever the program did.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecuteResponse {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+    /// `null` when the program was killed by a signal.
+    pub exit_code: Option<i32>,
+    /// The program's top-level `result`, when JSON-serialisable (Python, JavaScript).
+    pub result: Option<serde_json::Value>,
+    pub status: RunStatus,
+    pub duration_ms: u64,
+    pub truncated: bool,
+    /// Present when the key has an executions limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub executions_left: Option<u64>,
+    /// CPU time the run used, in milliseconds.
+    pub cpu_ms: u64,
+}
+
+/// A request that passed validation, with every bound resolved.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub language: &'static Language,
+    pub code: String,
+    pub stdin: Vec<u8>,
+    pub data: Option<Vec<u8>>,
+    pub env: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub memory_bytes: u64,
+}
+
+/// Environment variables a request may not set: they would change how the
+/// interpreter or the loader start, not what the program sees.
+const RESERVED_ENV: &[&str] = &[
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "LD_AUDIT",
+    "PYTHONHOME",
+    "PYTHONPATH",
+    "PYTHONSTARTUP",
+    "NODE_OPTIONS",
+    "BASH_ENV",
+    "ENV",
+];
+
+impl ExecLimits {
+    pub fn validate(&self, req: ExecuteRequest) -> Result<Run, InvalidField> {
+        let language = languages::find(&req.language).ok_or_else(|| {
+            let known: Vec<&str> = LANGUAGES.iter().map(|l| l.name).collect();
+            invalid(
+                "language",
+                format!(
+                    "unknown language `{}`; one of: {}",
+                    req.language,
+                    known.join(", ")
+                ),
+            )
+        })?;
+        if req.code.trim().is_empty() {
+            return Err(invalid("code", "code must not be empty"));
+        }
+        if req.code.len() > self.max_code_bytes {
+            return Err(invalid(
+                "code",
+                format!("code is over the limit of {} bytes", self.max_code_bytes),
+            ));
+        }
+        let stdin = req.stdin.unwrap_or_default().into_bytes();
+        if stdin.len() > self.max_stdin_bytes {
+            return Err(invalid(
+                "stdin",
+                format!("stdin is over the limit of {} bytes", self.max_stdin_bytes),
+            ));
+        }
+        let data = match req.data {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => {
+                let bytes = serde_json::to_vec(&v).expect("JSON values serialize");
+                if bytes.len() > self.max_data_bytes {
+                    return Err(invalid(
+                        "data",
+                        format!("data is over the limit of {} bytes", self.max_data_bytes),
+                    ));
+                }
+                Some(bytes)
+            }
+        };
+        let env = validate_env(req.env.unwrap_or_default(), self.max_env_vars)?;
+        let timeout_ms = req.timeout_ms.unwrap_or(self.default_timeout_ms);
+        if timeout_ms == 0 || timeout_ms > self.max_timeout_ms {
+            return Err(invalid(
+                "timeoutMs",
+                format!("timeoutMs must be between 1 and {}", self.max_timeout_ms),
+            ));
+        }
+        let memory_mb = req.memory_mb.unwrap_or(self.default_memory_mb);
+        if !(16..=self.max_memory_mb).contains(&memory_mb) {
+            return Err(invalid(
+                "memoryMb",
+                format!("memoryMb must be between 16 and {}", self.max_memory_mb),
+            ));
+        }
+        Ok(Run {
+            language,
+            code: req.code,
+            stdin,
+            data,
+            env,
+            timeout: Duration::from_millis(timeout_ms),
+            memory_bytes: memory_mb * 1024 * 1024,
+        })
+    }
+}
+
+fn validate_env(
+    env: BTreeMap<String, String>,
+    max: usize,
+) -> Result<Vec<(String, String)>, InvalidField> {
+    if env.len() > max {
+        return Err(invalid("env", format!("at most {max} variables")));
+    }
+    env.into_iter()
+        .map(|(k, v)| {
+            let name_ok = !k.is_empty()
+                && k.len() <= 256
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !name_ok {
+                return Err(invalid(
+                    "env",
+                    format!("`{k}` is not a valid variable name"),
+                ));
+            }
+            if RESERVED_ENV.contains(&k.as_str()) {
+                return Err(invalid("env", format!("`{k}` may not be set")));
+            }
+            if v.contains('\0') || v.len() > 64 * 1024 {
+                return Err(invalid("env", format!("the value of `{k}` is not allowed")));
+            }
+            Ok((k, v))
+        })
+        .collect()
+}
+
+/// Runs programs, at most `max_concurrent` at once.
+#[derive(Debug)]
+pub struct Executor {
+    limits: ExecLimits,
+    slots: Arc<Semaphore>,
+}
+
+/// A held run slot; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot(#[expect(dead_code, reason = "held for its Drop")] OwnedSemaphorePermit);
+
+/// Every slot stayed busy for the whole wait.
+#[derive(Debug, thiserror::Error)]
+#[error("all {0} run slots are busy")]
+pub struct Busy(pub usize);
+
+impl Executor {
+    pub fn new(limits: ExecLimits) -> Executor {
+        let slots = Arc::new(Semaphore::new(limits.max_concurrent.max(1)));
+        Executor { limits, slots }
+    }
+
+    pub fn limits(&self) -> &ExecLimits {
+        &self.limits
+    }
+
+    /// Waits (bounded) for a free slot.
+    pub async fn admit(&self) -> Result<Slot, Busy> {
+        let acquire = Arc::clone(&self.slots).acquire_owned();
+        match tokio::time::timeout(self.limits.queue_wait, acquire).await {
+            Ok(Ok(permit)) => Ok(Slot(permit)),
+            _ => Err(Busy(self.limits.max_concurrent)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(language: &str, code: &str) -> ExecuteRequest {
+        ExecuteRequest {
+            language: language.into(),
+            code: code.into(),
+            ..ExecuteRequest::default()
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let l = ExecLimits::default();
+        assert_eq!(l.validate(req("cobol", "x")).unwrap_err().field, "language");
+        assert_eq!(l.validate(req("python", "  ")).unwrap_err().field, "code");
+        let big = "x".repeat(l.max_code_bytes + 1);
+        assert_eq!(l.validate(req("python", &big)).unwrap_err().field, "code");
+        let mut r = req("python", "print(1)");
+        r.timeout_ms = Some(l.max_timeout_ms + 1);
+        assert_eq!(l.validate(r).unwrap_err().field, "timeoutMs");
+        let mut r = req("python", "print(1)");
+        r.memory_mb = Some(l.max_memory_mb + 1);
+        assert_eq!(l.validate(r).unwrap_err().field, "memoryMb");
+        let mut r = req("python", "print(1)");
+        r.env = Some([("LD_PRELOAD".to_owned(), "/x.so".to_owned())].into());
+        assert_eq!(l.validate(r).unwrap_err().field, "env");
+        let mut r = req("python", "print(1)");
+        r.env = Some([("A=B".to_owned(), "x".to_owned())].into());
+        assert_eq!(l.validate(r).unwrap_err().field, "env");
+        let ok = l.validate(req("bash", "echo hi")).unwrap();
+        assert_eq!(ok.timeout, Duration::from_millis(l.default_timeout_ms));
+    }
+}
