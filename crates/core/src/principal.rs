@@ -15,6 +15,8 @@ use crate::scopes::{Scope, ScopeSet};
 pub enum CredentialSource {
     /// A key in the key store.
     StoredKey,
+    /// A key from `SANDGATE_ADMIN_API_KEY` or `SANDGATE_API_KEYS`.
+    EnvKey,
     /// The local operator running `sandgate keys --data-dir` (no credential at all).
     LocalOperator,
 }

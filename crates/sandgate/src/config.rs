@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use sandgate_core::keys::format::SecretKey;
 use sandgate_core::net::IpNet;
 use sandgate_server::{ServerConfig, TlsFiles};
 use serde::Deserialize;
@@ -100,6 +101,18 @@ pub fn resolve(env: Layer, file: Option<Layer>, flags: Layer) -> Result<Settings
         "trusted proxies",
     )?;
     server.allowed_ips = nets(merged.allowed_ips.unwrap_or_default(), "allowed IPs")?;
+    // Secrets come from the environment only, never from a file or a flag.
+    server.env_admin_key = std::env::var("SANDGATE_ADMIN_API_KEY")
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+        .map(|k| SecretKey::new(k.trim().to_owned()));
+    server.env_api_keys = std::env::var("SANDGATE_API_KEYS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(|k| SecretKey::new(k.to_owned()))
+        .collect();
     let tls = match (merged.tls_cert, merged.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
         (None, None) => None,

@@ -70,7 +70,9 @@ async fn serve(settings: config::Settings) -> Result<()> {
     let state = AppState::open(settings.server)
         .await
         .with_context(|| format!("opening the store in {}", data_dir.display()))?;
-    if let Some(admin) = state.keys().bootstrap_admin().await? {
+    if state.config().env_admin_key.is_some() {
+        tracing::info!("SANDGATE_ADMIN_API_KEY is set: no admin key is created in the store");
+    } else if let Some(admin) = state.keys().bootstrap_admin().await? {
         // Printed once, to the terminal that started the server; never logged.
         println!(
             "\nsandgate: created the first admin key (scopes *). It is shown only now; store it safely:\n\n  {}\n",
@@ -80,11 +82,13 @@ async fn serve(settings: config::Settings) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.addr)
         .await
         .with_context(|| format!("binding {}", settings.addr))?;
+    let sources = state.credential_sources().join(" → ");
     tracing::info!(
         addr = %listener.local_addr()?,
         tls = settings.tls.is_some(),
         data_dir = %data_dir.display(),
-        "sandgate listening; credential sources: stored API keys"
+        credential_sources = %sources,
+        "sandgate listening"
     );
     match &settings.tls {
         Some(tls) => sandgate_server::run_tls(listener, state, tls, shutdown_signal()).await?,

@@ -197,28 +197,34 @@ async fn decide(
             None,
         ));
     };
+    // Sources in order, first match wins: stored keys, then environment keys.
     let principal = match state.keys().verify(credential).await {
         Ok(Some(p)) => p,
-        Ok(None) => {
-            return Err(Refusal::bad_credential(
+        Ok(None) => state.env_keys().verify(credential).ok_or_else(|| {
+            Refusal::bad_credential(
                 ApiError::unauthorized("Invalid API key"),
                 "unknown_credential",
                 None,
-            ));
-        }
-        Err(denied) => {
-            let error = match denied.failure {
-                AuthFailure::Expired | AuthFailure::Revoked => ApiError::key_expired(),
-                AuthFailure::Malformed | AuthFailure::Unknown => {
-                    ApiError::unauthorized("Invalid API key")
-                }
-            };
-            return Err(Refusal::bad_credential(
-                error,
-                denied.failure.reason(),
-                denied.key,
-            ));
-        }
+            )
+        })?,
+        Err(denied) => match denied.failure {
+            AuthFailure::Expired | AuthFailure::Revoked => {
+                return Err(Refusal::bad_credential(
+                    ApiError::key_expired(),
+                    denied.failure.reason(),
+                    denied.key,
+                ));
+            }
+            AuthFailure::Malformed | AuthFailure::Unknown => {
+                state.env_keys().verify(credential).ok_or_else(|| {
+                    Refusal::bad_credential(
+                        ApiError::unauthorized("Invalid API key"),
+                        denied.failure.reason(),
+                        None,
+                    )
+                })?
+            }
+        },
     };
     if !principal.allowed_ips.is_empty()
         && !principal.allowed_ips.iter().any(|n| n.contains(client_ip))

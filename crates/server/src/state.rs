@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use sandgate_core::audit::AuditLog;
 use sandgate_core::keys::KeyService;
+use sandgate_core::keys::env_keys::EnvKeys;
+use sandgate_core::keys::format::SecretKey;
 use sandgate_core::limits::{LocalRateLimiter, RateLimiter};
 use sandgate_core::model::RateLimit;
 use sandgate_core::net::IpNet;
@@ -35,6 +37,10 @@ pub struct ServerConfig {
     /// Invalid credentials one client IP may present before it is refused with 429
     /// without any lookup; `None` turns the throttle off.
     pub auth_failure_limit: Option<RateLimit>,
+    /// `SANDGATE_ADMIN_API_KEY`: one key with every scope, checked after stored keys.
+    pub env_admin_key: Option<SecretKey>,
+    /// `SANDGATE_API_KEYS`: keys with the `sandbox-user` profile.
+    pub env_api_keys: Vec<SecretKey>,
 }
 
 impl ServerConfig {
@@ -52,6 +58,8 @@ impl ServerConfig {
                 limit: 30,
                 window_sec: 60,
             }),
+            env_admin_key: None,
+            env_api_keys: Vec::new(),
         }
     }
 }
@@ -78,6 +86,7 @@ struct Inner {
     auth_failures: LocalRateLimiter,
     usage: UsageRecorder,
     usage_store: Arc<dyn UsageStore>,
+    env_keys: EnvKeys,
 }
 
 impl AppState {
@@ -90,7 +99,9 @@ impl AppState {
         let usage_store: Arc<dyn UsageStore> = Arc::new(store);
         let keys = KeyService::load(key_store).await?;
         let audit = AuditLog::start(Arc::clone(&audit_store));
+        let env_keys = EnvKeys::new(config.env_admin_key.as_ref(), &config.env_api_keys);
         Ok(AppState(Arc::new(Inner {
+            env_keys,
             config,
             keys,
             audit,
@@ -129,6 +140,19 @@ impl AppState {
 
     pub fn auth_failures(&self) -> &LocalRateLimiter {
         &self.0.auth_failures
+    }
+
+    pub fn env_keys(&self) -> &EnvKeys {
+        &self.0.env_keys
+    }
+
+    /// The credential sources in use, in the order they are checked.
+    pub fn credential_sources(&self) -> Vec<&'static str> {
+        let mut sources = vec!["stored API keys"];
+        if !self.0.env_keys.is_empty() {
+            sources.push("environment keys");
+        }
+        sources
     }
 
     pub fn usage(&self) -> &UsageRecorder {

@@ -793,7 +793,10 @@ mod tests {
             limit: Some(50),
             remaining: Some(50),
         };
-        store.save_keys(&[], &[("q".into(), quota)], &[]).await.unwrap();
+        store
+            .save_keys(&[], &[("q".into(), quota)], &[])
+            .await
+            .unwrap();
         let tasks: Vec<_> = (0..80)
             .map(|_| {
                 let store = Arc::clone(&store);

@@ -8,4 +8,5 @@ mod keys;
 mod limits;
 mod openapi;
 mod policy;
+mod sources;
 mod usage;
