@@ -19,7 +19,9 @@ fn environment_keys_work_beside_stored_keys_and_are_audited_by_fingerprint() {
     assert_eq!(who["keyId"], "env_admin");
     assert_eq!(who["scopes"], json!(["*"]));
     // The env admin can manage stored keys, and stored keys keep working.
-    let created = admin.create_key(&json!({"name": "from-env-admin"})).unwrap();
+    let created = admin
+        .create_key(&json!({"name": "from-env-admin"}))
+        .unwrap();
     let stored = app.client(created["key"].as_str().unwrap());
     assert_eq!(stored.whoami().unwrap()["name"], "from-env-admin");
     assert!(app.admin().whoami().is_ok());
@@ -28,15 +30,33 @@ fn environment_keys_work_beside_stored_keys_and_are_audited_by_fingerprint() {
     let who = client.whoami().unwrap();
     let id = who["keyId"].as_str().unwrap().to_owned();
     assert!(id.starts_with("env_") && id.len() == 16, "{id}");
-    assert!(who["scopes"].as_array().unwrap().iter().any(|s| s == "sandbox:execute"));
-    let body = assert_error(&app.get(Some("client-two-secret"), "/v1/keys"), 403, "FORBIDDEN");
+    assert!(
+        who["scopes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == "sandbox:execute")
+    );
+    let body = assert_error(
+        &app.get(Some("client-two-secret"), "/v1/keys"),
+        403,
+        "FORBIDDEN",
+    );
     assert_eq!(body["error"]["requiredScope"], "keys:read");
-    assert_error(&app.get(Some("client-three-secret"), "/v1/auth/whoami"), 401, "UNAUTHORIZED");
+    assert_error(
+        &app.get(Some("client-three-secret"), "/v1/auth/whoami"),
+        401,
+        "UNAUTHORIZED",
+    );
 
     let audit = app.admin().audit(&[("limit", "1000")]).unwrap();
     let text = audit.to_string();
     assert!(text.contains(&id), "env key audited by fingerprint");
-    for secret in ["ci-admin-secret-value", "client-two-secret", "client-three-secret"] {
+    for secret in [
+        "ci-admin-secret-value",
+        "client-two-secret",
+        "client-three-secret",
+    ] {
         assert!(!text.contains(secret), "{secret} reached the audit log");
     }
 }
