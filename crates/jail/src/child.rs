@@ -1,8 +1,9 @@
 //! What runs between `clone` and `execve`.
 //!
 //! The server is multi-threaded, so the cloned child may not allocate or take any
-//! lock another thread could have held at the moment of the clone. Everything it
-//! needs — paths, mount options, file contents, argv, envp, the seccomp program —
+//! lock another thread could have held at the moment of the clone, nor call a C
+//! library function that assumes it knows the process's threads (the set*id
+//! family): raw system calls instead. Everything it needs — paths, mount options, file contents, argv, envp, the seccomp program —
 //! is prepared by the parent as a [`Plan`], and the child only reads it and makes
 //! system calls. Failures are reported on a pipe as a fixed-size record.
 
@@ -335,21 +336,17 @@ unsafe fn program(plan: &Plan) -> ! {
         for cap in 0..=63 {
             libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
         }
-        check(
-            libc::setgroups(0, ptr::null()),
-            report,
-            Stage::Identity as i32,
-        );
-        check(
-            libc::setresgid(plan.gid, plan.gid, plan.gid),
-            report,
-            Stage::Identity as i32,
-        );
-        check(
-            libc::setresuid(plan.uid, plan.uid, plan.uid),
-            report,
-            Stage::Identity as i32,
-        );
+        // Raw system calls, not the C library's wrappers: those broadcast the change
+        // to every thread the library believes exists, and in a child of a
+        // multi-threaded clone that list is stale (and its lock may be held).
+        for (nr, a, b, c) in [
+            (libc::SYS_setgroups, 0, 0, 0),
+            (libc::SYS_setresgid, plan.gid, plan.gid, plan.gid),
+            (libc::SYS_setresuid, plan.uid, plan.uid, plan.uid),
+        ] {
+            let ret = libc::syscall(nr, a as libc::c_long, b as libc::c_long, c as libc::c_long);
+            check(ret as c_int, report, Stage::Identity as i32);
+        }
         drop_capabilities(report);
         let prog = libc::sock_fprog {
             len: plan.filter.len() as u16,
