@@ -212,6 +212,15 @@ impl Client {
         self.call(Method::GET, "/v1/auth/whoami", None)
     }
 
+    /// `POST /v1/execute`: runs code once (SPEC §3).
+    pub fn execute(&self, request: &Value) -> Result<Value, ClientError> {
+        self.call(Method::POST, "/v1/execute", Some(request))
+    }
+
+    pub fn languages(&self) -> Result<Value, ClientError> {
+        self.call(Method::GET, "/v1/languages", None)
+    }
+
     pub fn create_key(&self, request: &Value) -> Result<Value, ClientError> {
         self.call(Method::POST, "/v1/keys", Some(request))
     }

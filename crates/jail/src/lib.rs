@@ -160,8 +160,10 @@ pub struct Jail {
     filter: Vec<libc::sock_filter>,
     /// `/bin`, `/lib`, … as on the host: symlinks into `/usr` or directories.
     top_level: Vec<(String, TopLevel)>,
-    seq: AtomicU64,
 }
+
+/// Numbers runs process-wide: several jails in one process share cgroup names.
+static RUN_SEQ: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, Clone)]
 enum TopLevel {
@@ -211,7 +213,6 @@ impl Jail {
             cgroups,
             filter: seccomp::filter(),
             top_level,
-            seq: AtomicU64::new(0),
         })
     }
 
@@ -223,7 +224,7 @@ impl Jail {
         let id = format!(
             "{}-{}",
             std::process::id(),
-            self.seq.fetch_add(1, Ordering::Relaxed)
+            RUN_SEQ.fetch_add(1, Ordering::Relaxed)
         );
         let group = self.cgroups.create(
             &id,

@@ -107,6 +107,26 @@ impl ApiError {
         e
     }
 
+    /// Every run slot stayed busy for the whole wait (SPEC has no 503 code: a
+    /// full server is answered like a rate limit, with `Retry-After`).
+    pub fn server_busy(retry_after_sec: u64) -> ApiError {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "RATE_LIMITED",
+            "The server is running as many programs as it allows; retry shortly",
+        );
+        e.retry_after = Some(retry_after_sec.max(1));
+        e
+    }
+
+    pub fn quota_exceeded() -> ApiError {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "QUOTA_EXCEEDED",
+            "The key's executions limit is used up",
+        )
+    }
+
     /// Logs `cause` with the request id; the client learns nothing of it.
     pub fn internal(cause: impl std::fmt::Display) -> ApiError {
         tracing::error!(request_id = %current_request_id(), error = %cause, "internal error");

@@ -7,6 +7,8 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use sandgate_core::execute::RunStatus;
+
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -16,6 +18,7 @@ const BUCKETS: [f64; 12] = [
 pub struct Metrics {
     routes: Mutex<HashMap<String, RouteStats>>,
     auth: Mutex<HashMap<(&'static str, &'static str), u64>>,
+    executions: Mutex<HashMap<&'static str, u64>>,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +61,22 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry((outcome, reason))
+            .or_default() += 1;
+    }
+
+    pub fn execution(&self, status: RunStatus) {
+        let name = match status {
+            RunStatus::Ok => "ok",
+            RunStatus::Error => "error",
+            RunStatus::Timeout => "timeout",
+            RunStatus::MemoryLimit => "memory_limit",
+            RunStatus::OutputLimit => "output_limit",
+        };
+        *self
+            .executions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name)
             .or_default() += 1;
     }
 
@@ -120,6 +139,15 @@ impl Metrics {
                 out,
                 "sandgate_auth_attempts_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} {n}"
             );
+        }
+        drop(auth);
+        out.push_str("# HELP sandgate_executions_total Finished runs by status.\n");
+        out.push_str("# TYPE sandgate_executions_total counter\n");
+        let executions = self.executions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rows: Vec<_> = executions.iter().collect();
+        rows.sort();
+        for (status, n) in rows {
+            let _ = writeln!(out, "sandgate_executions_total{{status=\"{status}\"}} {n}");
         }
         out
     }

@@ -14,7 +14,7 @@ use axum::routing::{MethodFilter, on};
 use sandgate_core::scopes::Scope;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
-use crate::handlers::{audit, keys, meta, usage};
+use crate::handlers::{audit, execute, keys, meta, usage};
 use crate::state::AppState;
 
 /// What a route demands of its caller.
@@ -242,6 +242,20 @@ pub fn table() -> RouteTable {
             .body::<sandgate_core::keys::api::ResetExecutionsRequest>()
             .returns::<sandgate_core::keys::api::KeyView>(200),
             keys::reset_executions,
+        )
+        // ---- execution ----
+        .add(
+            post("/v1/execute", Needs(Scope::SandboxExecute), "execute")
+                .summary("Run code once in a fresh jail; 200 whatever the program did")
+                .body::<sandgate_core::execute::ExecuteRequest>()
+                .returns::<sandgate_core::execute::ExecuteResponse>(200),
+            execute::execute,
+        )
+        .add(
+            get("/v1/languages", Authenticated, "listLanguages")
+                .summary("Languages and their runtime versions")
+                .returns::<execute::LanguageList>(200),
+            execute::languages,
         )
         // ---- usage ----
         .add(

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sandgate_core::audit::AuditLog;
+use sandgate_core::execute::{ExecLimits, Executor, JailConfig};
 use sandgate_core::keys::KeyService;
 use sandgate_core::keys::env_keys::EnvKeys;
 use sandgate_core::keys::format::SecretKey;
@@ -41,6 +42,10 @@ pub struct ServerConfig {
     pub env_admin_key: Option<SecretKey>,
     /// `SANDGATE_API_KEYS`: keys with the `sandbox-user` profile.
     pub env_api_keys: Vec<SecretKey>,
+    /// Bounds on runs and the server-wide cap on simultaneous runs.
+    pub exec_limits: ExecLimits,
+    /// How programs are jailed on this machine.
+    pub jail: JailConfig,
 }
 
 impl ServerConfig {
@@ -60,6 +65,8 @@ impl ServerConfig {
             }),
             env_admin_key: None,
             env_api_keys: Vec::new(),
+            exec_limits: ExecLimits::default(),
+            jail: JailConfig::default(),
         }
     }
 }
@@ -87,6 +94,7 @@ struct Inner {
     usage: UsageRecorder,
     usage_store: Arc<dyn UsageStore>,
     env_keys: EnvKeys,
+    executor: Executor,
 }
 
 impl AppState {
@@ -100,7 +108,13 @@ impl AppState {
         let keys = KeyService::load(key_store).await?;
         let audit = AuditLog::start(Arc::clone(&audit_store));
         let env_keys = EnvKeys::new(config.env_admin_key.as_ref(), &config.env_api_keys);
+        let jail = sandgate_jail::Jail::new(config.jail.clone());
+        if let Err(e) = &jail {
+            tracing::warn!(error = %e, "programs cannot be jailed here: /v1/execute will fail");
+        }
+        let executor = Executor::new(config.exec_limits.clone(), jail);
         Ok(AppState(Arc::new(Inner {
+            executor,
             env_keys,
             config,
             keys,
@@ -153,6 +167,10 @@ impl AppState {
             sources.push("environment keys");
         }
         sources
+    }
+
+    pub fn executor(&self) -> &Executor {
+        &self.0.executor
     }
 
     pub fn usage(&self) -> &UsageRecorder {

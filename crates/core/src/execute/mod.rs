@@ -6,8 +6,11 @@
 //! [`Executor::admit`] (a slot is held) and [`Executor::run`] (the program starts).
 
 use std::collections::BTreeMap;
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
+
+use sandgate_jail::{Jail, Limits, SandboxFile, Spec, Status};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -18,6 +21,7 @@ use crate::keys::api::{InvalidField, invalid};
 pub mod languages;
 
 pub use languages::{LANGUAGES, Language, LanguageInfo, catalogue};
+pub use sandgate_jail::Config as JailConfig;
 
 /// The server's bounds on one run. Requests ask within them.
 #[derive(Debug, Clone)]
@@ -247,6 +251,8 @@ fn validate_env(
 pub struct Executor {
     limits: ExecLimits,
     slots: Arc<Semaphore>,
+    /// The jail, or why this machine cannot jail (the server still serves the rest).
+    jail: Result<Arc<Jail>, String>,
 }
 
 /// A held run slot; dropping it frees the slot.
@@ -258,14 +264,40 @@ pub struct Slot(#[expect(dead_code, reason = "held for its Drop")] OwnedSemaphor
 #[error("all {0} run slots are busy")]
 pub struct Busy(pub usize);
 
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("execution is unavailable on this server: {0}")]
+    Unavailable(String),
+    #[error("the jail failed: {0}")]
+    Jail(#[from] io::Error),
+}
+
+/// The environment every program starts with; the request's `env` adds to it.
+const BASE_ENV: &[(&str, &str)] = &[
+    ("PATH", "/usr/bin:/bin"),
+    ("HOME", "/workspace"),
+    ("TMPDIR", "/tmp"),
+    ("LANG", "C.UTF-8"),
+    ("USER", "sandbox"),
+];
+
 impl Executor {
-    pub fn new(limits: ExecLimits) -> Executor {
+    pub fn new(limits: ExecLimits, jail: io::Result<Jail>) -> Executor {
         let slots = Arc::new(Semaphore::new(limits.max_concurrent.max(1)));
-        Executor { limits, slots }
+        Executor {
+            limits,
+            slots,
+            jail: jail.map(Arc::new).map_err(|e| e.to_string()),
+        }
     }
 
     pub fn limits(&self) -> &ExecLimits {
         &self.limits
+    }
+
+    /// Why runs cannot happen here, when they cannot.
+    pub fn unavailable(&self) -> Option<&str> {
+        self.jail.as_ref().err().map(String::as_str)
     }
 
     /// Waits (bounded) for a free slot.
@@ -275,6 +307,98 @@ impl Executor {
             Ok(Ok(permit)) => Ok(Slot(permit)),
             _ => Err(Busy(self.limits.max_concurrent)),
         }
+    }
+
+    /// Runs a validated request in a fresh jail, holding `slot` until it ends. The
+    /// run finishes (within its deadline) even if the caller stops waiting.
+    pub async fn run(&self, slot: Slot, run: Run) -> Result<ExecuteResponse, ExecError> {
+        let jail = Arc::clone(
+            self.jail
+                .as_ref()
+                .map_err(|e| ExecError::Unavailable(e.clone()))?,
+        );
+        let spec = self.spec(run);
+        let outcome = tokio::task::spawn_blocking(move || {
+            let outcome = jail.run(&spec);
+            drop(slot);
+            outcome
+        })
+        .await
+        .map_err(|e| ExecError::Jail(io::Error::other(e.to_string())))??;
+        Ok(response(outcome))
+    }
+
+    fn spec(&self, run: Run) -> Spec {
+        let lang = run.language;
+        let file_name = |path: &str| path.rsplit('/').next().unwrap_or(path).to_owned();
+        let mut files = vec![SandboxFile {
+            name: file_name(lang.code_file),
+            contents: run.code.into_bytes(),
+        }];
+        if let Some((path, prelude)) = lang.prelude {
+            files.push(SandboxFile {
+                name: file_name(path),
+                contents: prelude.as_bytes().to_vec(),
+            });
+        }
+        if let Some(data) = run.data {
+            files.push(SandboxFile {
+                name: file_name(languages::DATA_FILE),
+                contents: data,
+            });
+        }
+        let mut env: Vec<(String, String)> = BASE_ENV
+            .iter()
+            .filter(|(k, _)| !run.env.iter().any(|(name, _)| name == k))
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        env.extend(run.env);
+        let l = &self.limits;
+        Spec {
+            argv: lang.argv(),
+            env,
+            cwd: "/workspace".to_owned(),
+            stdin: run.stdin,
+            files,
+            limits: Limits {
+                timeout: run.timeout,
+                memory_bytes: run.memory_bytes,
+                pids: l.pids,
+                cpu_millicores: (l.cpus * 1000.0).round().clamp(10.0, 1_000_000.0) as u32,
+                output_bytes: l.output_cap_bytes,
+                tmpfs_bytes: l.tmpfs_bytes,
+                file_size_bytes: l.tmpfs_bytes,
+                open_files: 1024,
+            },
+        }
+    }
+}
+
+fn response(o: sandgate_jail::Outcome) -> ExecuteResponse {
+    let status = match o.status {
+        Status::Exited(0) => RunStatus::Ok,
+        Status::Exited(_) | Status::Signaled(_) => RunStatus::Error,
+        Status::Timeout => RunStatus::Timeout,
+        Status::MemoryLimit => RunStatus::MemoryLimit,
+        Status::OutputLimit => RunStatus::OutputLimit,
+    };
+    let result = o
+        .result
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
+    ExecuteResponse {
+        success: status == RunStatus::Ok,
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        exit_code: match o.status {
+            Status::Timeout | Status::OutputLimit => None,
+            _ => o.exit_code,
+        },
+        result,
+        status,
+        duration_ms: o.duration.as_millis() as u64,
+        truncated: o.truncated,
+        executions_left: None,
+        cpu_ms: o.cpu_time.as_millis() as u64,
     }
 }
 

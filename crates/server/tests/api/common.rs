@@ -99,6 +99,18 @@ impl TestApp {
         }
     }
 
+    /// The server's data dir (for tests that try to reach it from a jail).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    /// Runs `code` with the admin key; the response body.
+    pub fn run(&self, language: &str, code: &str) -> Value {
+        self.admin()
+            .execute(&json!({"language": language, "code": code}))
+            .expect("execute")
+    }
+
     pub fn admin(&self) -> Client {
         self.make_client(Some(self.admin_key.clone()))
     }
@@ -148,6 +160,39 @@ impl Drop for TestApp {
             let _ = thread.join();
         }
     }
+}
+
+/// `POST` with a JSON body, whatever the answer.
+pub trait PostJson {
+    fn post_json(&self, path: &str, body: &Value) -> RawResponse;
+}
+
+impl PostJson for Client {
+    fn post_json(&self, path: &str, body: &Value) -> RawResponse {
+        let bytes = serde_json::to_vec(body).expect("JSON");
+        self.raw(
+            Method::POST,
+            path,
+            &[("content-type", "application/json")],
+            Some(&bytes),
+        )
+        .expect("request")
+    }
+}
+
+/// Whether this machine can jail programs (root, cgroup v1); tests of runs say
+/// they were skipped when it cannot.
+pub fn jail_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(
+        || match sandgate_jail::Jail::new(sandgate_jail::Config::default()) {
+            Ok(_) => true,
+            Err(e) => {
+                eprintln!("skipped: programs cannot be jailed here: {e}");
+                false
+            }
+        },
+    )
 }
 
 /// Asserts an error response's status and SPEC code, and that it carries a request id.

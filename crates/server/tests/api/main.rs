@@ -3,6 +3,7 @@
 mod audit;
 mod common;
 mod errors;
+mod execute;
 mod isolation;
 mod keys;
 mod limits;
