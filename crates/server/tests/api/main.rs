@@ -2,6 +2,7 @@
 
 mod audit;
 mod common;
+mod containment;
 mod errors;
 mod execute;
 mod isolation;
