@@ -11,6 +11,7 @@ mod keys_cmd;
 mod output;
 mod parse;
 mod remote;
+mod run_cmd;
 mod serve;
 
 #[derive(Debug, Parser)]
@@ -32,6 +33,8 @@ enum Command {
     Keys(keys_cmd::KeysArgs),
     /// Log in to a server, or show who you are.
     Auth(auth_cmd::AuthArgs),
+    /// Run a program once on a server; exits with its exit code.
+    Run(run_cmd::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Keys(args) => keys_cmd::run(args),
         Command::Auth(args) => auth_cmd::run(args),
+        Command::Run(args) => run_cmd::run(args),
     };
     match result {
         Ok(code) => code,

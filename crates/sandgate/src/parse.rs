@@ -27,6 +27,16 @@ pub fn duration_secs(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is too long"))
 }
 
+/// Milliseconds in a run timeout like `500ms`, `10s` or `1m`; a bare number is seconds.
+pub fn duration_ms(s: &str) -> Result<u64, String> {
+    match s.trim().strip_suffix("ms") {
+        Some(ms) => ms
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration like 500ms, 10s or 1m")),
+        None => duration_secs(s).map(|secs| secs.saturating_mul(1000)),
+    }
+}
+
 /// `{"limit", "windowSec"}` from `60/min` or `500/30s`.
 pub fn rate_limit(s: &str) -> Result<Value, String> {
     let (limit, window) = s

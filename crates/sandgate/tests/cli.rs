@@ -494,3 +494,106 @@ fn graceful_shutdown_writes_pending_counts() {
     assert_eq!(got["requestCount"], 5);
     assert!(got["lastUsedAt"].is_string());
 }
+
+/// `sandgate` with input on its standard input.
+fn sandgate_with_stdin(
+    args: &[&str],
+    env: &[(&str, &str)],
+    config_dir: &Path,
+    input: &[u8],
+) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("SANDGATE_URL")
+        .env_remove("SANDGATE_API_KEY")
+        .env("SANDGATE_CONFIG_DIR", config_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("run sandgate");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn run_behaves_like_the_program() {
+    if let Err(e) = sandgate_jail::Jail::new(sandgate_jail::Config::default()) {
+        eprintln!("skipped: programs cannot be jailed here: {e}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data"));
+    let key = server.admin_key();
+    let env = [
+        ("SANDGATE_URL", server.url.as_str()),
+        ("SANDGATE_API_KEY", key.as_str()),
+    ];
+    let config = tmp.path().join("config");
+
+    let program = tmp.path().join("shout.py");
+    std::fs::write(
+        &program,
+        "import sys\nprint(sys.stdin.read().strip() + '!')\nprint('warned', file=sys.stderr)\nsys.exit(3)\n",
+    )
+    .unwrap();
+    let out = sandgate_with_stdin(&["run", program.to_str().unwrap()], &env, &config, b"hi\n");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi!\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "warned\n");
+    assert_eq!(out.status.code(), Some(3), "the program's exit code");
+
+    let out = sandgate(
+        &["run", "--lang", "bash", "-c", "echo $((6 * 7))"],
+        &env,
+        &config,
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
+    assert_eq!(out.status.code(), Some(0));
+
+    let out = sandgate(
+        &[
+            "run",
+            "--lang",
+            "javascript",
+            "-c",
+            "console.log(data.x)",
+            "--data",
+            "{\"x\": 5}",
+        ],
+        &env,
+        &config,
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "5\n");
+
+    let out = sandgate(
+        &[
+            "run",
+            "--lang",
+            "python",
+            "--timeout",
+            "300ms",
+            "-c",
+            "while True: pass",
+        ],
+        &env,
+        &config,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "timeout exits like timeout(1)"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deadline"));
+
+    // A language the CLI cannot guess is a clear error, before any request.
+    let out = sandgate(&["run", "-c", "echo hi"], &env, &config);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--lang"));
+    let unknown = tmp.path().join("prog.txt");
+    std::fs::write(&unknown, "x").unwrap();
+    let out = sandgate(&["run", unknown.to_str().unwrap()], &env, &config);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--lang"));
+}
