@@ -1,0 +1,523 @@
+//! Authentication cost, end to end and in process: `cargo bench -p sandgate --bench auth`.
+//!
+//! 1. Starts a real sandgate server in this process (127.0.0.1, port 0, a temporary
+//!    data dir, the production `ServerConfig` defaults) and creates, through the
+//!    public API with the bootstrap admin key, a normal key and a key with a rate
+//!    limit that never refuses.
+//! 2. Drives it with a small load generator written here: N persistent HTTP/1.1
+//!    keep-alive connections on raw `TcpStream`s, one request in flight on each,
+//!    for a warm-up then a measured interval per scenario. Every response is checked
+//!    to be 200. Reports throughput and p50/p99 latency of `GET /healthz` (no auth),
+//!    `GET /v1/auth/whoami` (valid key) and whoami with a rate-limited key.
+//! 3. Times `KeyService::verify` of a stored key held in the memory cache (format
+//!    check, CRC32, SHA-256, map lookup) and one `RateLimiter::check`, in a loop.
+//!
+//! Settings (environment): `SANDGATE_BENCH_SECS` measured seconds per scenario (5),
+//! `SANDGATE_BENCH_WARMUP_SECS` (2), `SANDGATE_BENCH_CONC` connections (32),
+//! `SANDGATE_BENCH_ITERS` micro-benchmark iterations (200000).
+//!
+//! The load generator runs on one thread in this same process, so on a small machine
+//! it takes CPU from the server: compare the scenarios with each other (the ratios),
+//! not with figures from another machine.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::io;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sandgate_client::Client;
+use sandgate_core::model::RateLimit;
+use sandgate_server::{AppState, ServerConfig};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The limit of the rate-limited scenario: checked on every request, never refuses.
+const NEVER_REFUSING: RateLimit = RateLimit {
+    limit: 1_000_000_000,
+    window_sec: 60,
+};
+
+fn main() -> ExitCode {
+    let settings = Settings::from_env();
+    println!(
+        "sandgate auth benchmark: {} connections, {:?} warm-up + {:?} measured per scenario, {} CPUs",
+        settings.concurrency,
+        settings.warmup,
+        settings.measure,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+
+    let server = Server::start();
+    let admin = Client::new(&server.url, Some(server.admin_key.clone()));
+    let create = |body: serde_json::Value| -> String {
+        let created = admin.create_key(&body).expect("create key");
+        created["key"].as_str().expect("plaintext key").to_owned()
+    };
+    let plain_key = create(json!({ "name": "bench", "profile": "sandbox-user" }));
+    let limited_key = create(json!({
+        "name": "bench-limited",
+        "profile": "sandbox-user",
+        "rateLimits": [NEVER_REFUSING],
+    }));
+
+    let scenarios = [
+        Scenario::new("healthz (no auth)", "/healthz", None),
+        Scenario::new("whoami (valid key)", "/v1/auth/whoami", Some(&plain_key)),
+        Scenario::new(
+            "whoami (rate-limited key)",
+            "/v1/auth/whoami",
+            Some(&limited_key),
+        ),
+    ];
+    let load = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("load generator runtime");
+    let results: Vec<Measured> = scenarios
+        .iter()
+        .map(|s| {
+            println!("running {} ...", s.name);
+            load.block_on(measure(server.addr, s, &settings))
+        })
+        .collect();
+    drop(load);
+    server.stop();
+
+    println!();
+    println!(
+        "{:<28} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "scenario", "req/s", "p50 ms", "p99 ms", "non-200", "io errs"
+    );
+    for (s, r) in scenarios.iter().zip(&results) {
+        println!(
+            "{:<28} {:>10.0} {:>10.3} {:>10.3} {:>9} {:>9}",
+            s.name,
+            r.throughput(),
+            ms(r.percentile(50)),
+            ms(r.percentile(99)),
+            r.non_200(),
+            r.io_errors,
+        );
+    }
+    let (health, whoami, limited) = (&results[0], &results[1], &results[2]);
+    println!();
+    println!(
+        "throughput ratios: whoami/healthz = {:.2}, limited/healthz = {:.2}, limited/whoami = {:.2}",
+        whoami.throughput() / health.throughput(),
+        limited.throughput() / health.throughput(),
+        limited.throughput() / whoami.throughput(),
+    );
+
+    println!();
+    micro_benchmarks(settings.iterations);
+
+    let mut failed = false;
+    for (s, r) in scenarios.iter().zip(&results) {
+        for (status, (count, body)) in &r.statuses {
+            if *status != 200 {
+                failed = true;
+                println!(
+                    "NON-200 in {}: {count} × {status}, e.g. body: {}",
+                    s.name,
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
+        if let Some(e) = &r.first_io_error {
+            failed = true;
+            println!("I/O ERRORS in {}: {} (first: {e})", s.name, r.io_errors);
+        }
+    }
+    if failed {
+        println!("benchmark FAILED: some responses were not 200");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+#[derive(Debug)]
+struct Settings {
+    warmup: Duration,
+    measure: Duration,
+    concurrency: usize,
+    iterations: u64,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        fn var<T: std::str::FromStr>(name: &str, default: T) -> T {
+            match std::env::var(name) {
+                Ok(v) => v
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name}={v} is not a valid number")),
+                Err(_) => default,
+            }
+        }
+        Settings {
+            warmup: Duration::from_secs_f64(var("SANDGATE_BENCH_WARMUP_SECS", 2.0)),
+            measure: Duration::from_secs_f64(var("SANDGATE_BENCH_SECS", 5.0)),
+            concurrency: var("SANDGATE_BENCH_CONC", 32usize).max(1),
+            iterations: var("SANDGATE_BENCH_ITERS", 200_000u64).max(1),
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+// ---- the server under test ----
+
+/// A sandgate server on its own thread and runtime, as `sandgate serve` runs it
+/// (a multi-threaded runtime with one worker per CPU).
+#[derive(Debug)]
+struct Server {
+    url: String,
+    addr: SocketAddr,
+    admin_key: String,
+    _dir: tempfile::TempDir,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = ServerConfig::new(dir.path());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("server runtime");
+            runtime.block_on(async move {
+                let state = AppState::open(config).await.expect("open state");
+                let admin = state
+                    .keys()
+                    .bootstrap_admin()
+                    .await
+                    .expect("bootstrap")
+                    .expect("an empty store gets an admin key");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let addr = listener.local_addr().expect("local addr");
+                ready_tx.send((addr, admin.secret)).expect("report ready");
+                let shutdown = async {
+                    let _ = stopped.await;
+                };
+                sandgate_server::run(listener, state, shutdown)
+                    .await
+                    .expect("serve");
+            });
+        });
+        let (addr, admin_key) = ready_rx.recv().expect("server started");
+        Server {
+            url: format!("http://{addr}"),
+            addr,
+            admin_key,
+            _dir: dir,
+            stop,
+            thread,
+        }
+    }
+
+    /// Graceful shutdown: the server writes its pending audit rows and counters.
+    fn stop(self) {
+        let _ = self.stop.send(());
+        self.thread.join().expect("server thread");
+    }
+}
+
+// ---- the load generator ----
+
+#[derive(Debug)]
+struct Scenario {
+    name: &'static str,
+    /// The whole request, sent as is on every iteration.
+    request: Arc<[u8]>,
+}
+
+impl Scenario {
+    fn new(name: &'static str, path: &str, key: Option<&str>) -> Scenario {
+        let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n");
+        Scenario {
+            name,
+            request: request.into_bytes().into(),
+        }
+    }
+}
+
+/// What one scenario (or one connection of it) saw.
+#[derive(Debug, Default)]
+struct Measured {
+    /// Responses completed inside the measured interval.
+    requests: u64,
+    /// Latency of each of those, in nanoseconds.
+    latencies_ns: Vec<u64>,
+    measured: Duration,
+    /// Every response of the run (warm-up included): status → (count, first body).
+    statuses: BTreeMap<u16, (u64, Vec<u8>)>,
+    io_errors: u64,
+    first_io_error: Option<String>,
+}
+
+impl Measured {
+    fn merge(&mut self, other: Measured) {
+        self.requests += other.requests;
+        self.latencies_ns.extend(other.latencies_ns);
+        for (status, (count, body)) in other.statuses {
+            self.statuses.entry(status).or_insert((0, body)).0 += count;
+        }
+        self.io_errors += other.io_errors;
+        if self.first_io_error.is_none() {
+            self.first_io_error = other.first_io_error;
+        }
+    }
+
+    fn throughput(&self) -> f64 {
+        self.requests as f64 / self.measured.as_secs_f64()
+    }
+
+    /// Needs `latencies_ns` sorted.
+    fn percentile(&self, p: usize) -> Duration {
+        let n = self.latencies_ns.len();
+        if n == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(self.latencies_ns[(n * p / 100).min(n - 1)])
+    }
+
+    fn non_200(&self) -> u64 {
+        self.statuses
+            .iter()
+            .filter(|(s, _)| **s != 200)
+            .map(|(_, (c, _))| *c)
+            .sum()
+    }
+
+    fn io_error(&mut self, e: &io::Error) {
+        self.io_errors += 1;
+        if self.first_io_error.is_none() {
+            self.first_io_error = Some(e.to_string());
+        }
+    }
+}
+
+/// Warm-up, then the measured interval, on `settings.concurrency` connections.
+async fn measure(addr: SocketAddr, scenario: &Scenario, settings: &Settings) -> Measured {
+    let warm_end = Instant::now() + settings.warmup;
+    let end = warm_end + settings.measure;
+    let tasks: Vec<_> = (0..settings.concurrency)
+        .map(|_| {
+            tokio::spawn(connection(
+                addr,
+                Arc::clone(&scenario.request),
+                warm_end,
+                end,
+            ))
+        })
+        .collect();
+    let mut total = Measured {
+        measured: settings.measure,
+        ..Measured::default()
+    };
+    for task in tasks {
+        total.merge(task.await.expect("connection task"));
+    }
+    total.latencies_ns.sort_unstable();
+    total
+}
+
+/// One keep-alive connection sending `request` back to back until `end`.
+async fn connection(
+    addr: SocketAddr,
+    request: Arc<[u8]>,
+    warm_end: Instant,
+    end: Instant,
+) -> Measured {
+    let mut seen = Measured::default();
+    let mut stream: Option<TcpStream> = None;
+    let mut buf = Vec::with_capacity(8192);
+    while Instant::now() < end {
+        let s = match &mut stream {
+            Some(s) => s,
+            None => match connect(addr).await {
+                Ok(s) => stream.insert(s),
+                Err(e) => {
+                    seen.io_error(&e);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let start = Instant::now();
+        let result = async {
+            s.write_all(&request).await?;
+            read_response(s, &mut buf).await
+        }
+        .await;
+        let done = Instant::now();
+        match result {
+            Ok((status, body)) => {
+                let entry = seen.statuses.entry(status).or_insert((0, body));
+                entry.0 += 1;
+                if done >= warm_end && done < end {
+                    seen.requests += 1;
+                    seen.latencies_ns.push((done - start).as_nanos() as u64);
+                }
+            }
+            Err(e) => {
+                seen.io_error(&e);
+                stream = None;
+                buf.clear();
+            }
+        }
+    }
+    seen
+}
+
+async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Reads one response framed by `Content-Length`; returns its status and, when it
+/// is not 200, its body (for the report). Leaves any later bytes in `buf`.
+async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<(u16, Vec<u8>)> {
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        read_more(stream, buf).await?;
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| invalid("non-UTF-8 head"))?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| invalid("bad status line"))?;
+    let mut length = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        if name.eq_ignore_ascii_case("content-length") {
+            length = value.trim().parse::<usize>().ok();
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(invalid("chunked responses are not supported"));
+        }
+    }
+    let length = length.ok_or_else(|| invalid("response without Content-Length"))?;
+    let total = head_end + 4 + length;
+    while buf.len() < total {
+        read_more(stream, buf).await?;
+    }
+    let body = if status == 200 {
+        Vec::new()
+    } else {
+        buf[head_end + 4..total].to_vec()
+    };
+    buf.drain(..total);
+    Ok((status, body))
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<()> {
+    buf.reserve(4096);
+    if stream.read_buf(buf).await? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed by the server",
+        ));
+    }
+    Ok(())
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
+}
+
+// ---- in-process micro-benchmarks ----
+
+/// `KeyService::verify` of a stored, cached key, exactly as the authorization layer
+/// calls it (format and checksum check, SHA-256, cache lookup, expiry/revocation
+/// checks), and the rate limiter's check for a key with one limit.
+fn micro_benchmarks(iterations: u64) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("micro-benchmark runtime");
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = AppState::open(ServerConfig::new(dir.path()))
+            .await
+            .expect("open state");
+        let key = state
+            .keys()
+            .bootstrap_admin()
+            .await
+            .expect("bootstrap")
+            .expect("an empty store gets an admin key")
+            .secret;
+        let keys = state.keys();
+        let principal = keys
+            .verify(&key)
+            .await
+            .expect("verified")
+            .expect("a stored key");
+
+        let verify = time_loop(iterations, || async {
+            let p = keys.verify(black_box(&key)).await;
+            assert!(matches!(p, Ok(Some(_))), "the cached key verifies");
+            let _ = black_box(p);
+        })
+        .await;
+        report(
+            "KeyService::verify (cached key, incl. SHA-256)",
+            verify,
+            iterations,
+        );
+
+        let limits = [NEVER_REFUSING];
+        let limiter = state.rate_limiter();
+        let check = time_loop(iterations, || async {
+            let d = limiter
+                .check(black_box(&principal.key_id), black_box(&limits))
+                .await;
+            assert!(d.allowed, "the limit never refuses");
+            black_box(d);
+        })
+        .await;
+        report("RateLimiter::check (one limit, local)", check, iterations);
+    });
+}
+
+fn report(what: &str, ns_per_op: f64, iterations: u64) {
+    println!("{what:<48} {ns_per_op:>8.1} ns/op ({iterations} iterations)");
+}
+
+/// Runs `op` `iterations / 10` times to warm up, then `iterations` times; ns per call.
+async fn time_loop<F, Fut>(iterations: u64, mut op: F) -> f64
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    for _ in 0..iterations / 10 {
+        op().await;
+    }
+    let start = Instant::now();
+    for _ in 0..iterations {
+        op().await;
+    }
+    start.elapsed().as_nanos() as f64 / iterations as f64
+}
