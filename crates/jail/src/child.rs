@@ -58,6 +58,8 @@ pub(crate) struct Plan {
     pub argv_ptrs: Vec<*const c_char>,
     pub envp_ptrs: Vec<*const c_char>,
     pub fds: ChildFds,
+    /// A ready network namespace to join, or -1 to bring up the one of the clone.
+    pub netns: c_int,
 }
 
 /// The child's ends of the pipes, as numbered in the parent.
@@ -209,6 +211,13 @@ pub(crate) unsafe fn init(plan: &Plan) -> ! {
             fail(report, Stage::Go as i32);
         }
         libc::close(plan.fds.go);
+        if plan.netns >= 0 {
+            check(
+                libc::setns(plan.netns, libc::CLONE_NEWNET),
+                report,
+                Stage::Loopback as i32,
+            );
+        }
         check(
             libc::unshare(libc::CLONE_NEWCGROUP),
             report,
@@ -243,7 +252,9 @@ pub(crate) unsafe fn init(plan: &Plan) -> ! {
             report,
             Stage::Hostname as i32,
         );
-        loopback_up(report);
+        if plan.netns < 0 {
+            loopback_up(report);
+        }
 
         let pid = libc::syscall(libc::SYS_clone, libc::SIGCHLD as c_ulong, 0, 0, 0, 0);
         if pid < 0 {
@@ -461,10 +472,22 @@ unsafe fn close_all_but(keep: &[c_int; 5]) {
 
 /// `struct ifreq` with the flags member of its union.
 #[repr(C)]
-struct IfReqFlags {
+pub(crate) struct IfReqFlags {
     name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
+    pub flags: libc::c_short,
     _pad: [u8; 22],
+}
+
+impl IfReqFlags {
+    pub(crate) fn loopback() -> IfReqFlags {
+        let mut req = IfReqFlags {
+            name: [0; libc::IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        req.name[..2].copy_from_slice(b"lo");
+        req
+    }
 }
 
 /// # Safety
@@ -474,12 +497,7 @@ unsafe fn loopback_up(report: c_int) {
     unsafe {
         let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         check(sock, report, Stage::Loopback as i32);
-        let mut req = IfReqFlags {
-            name: [0; libc::IFNAMSIZ],
-            flags: 0,
-            _pad: [0; 22],
-        };
-        req.name[..2].copy_from_slice(b"lo");
+        let mut req = IfReqFlags::loopback();
         check(
             libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req),
             report,

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 mod cgroup;
 mod child;
+mod netns;
 mod seccomp;
 
 use cgroup::{Cgroups, GroupLimits};
@@ -160,6 +161,7 @@ pub struct Jail {
     filter: Vec<libc::sock_filter>,
     /// `/bin`, `/lib`, … as on the host: symlinks into `/usr` or directories.
     top_level: Vec<(String, TopLevel)>,
+    net_pool: netns::NetPool,
 }
 
 /// Numbers runs process-wide: several jails in one process share cgroup names.
@@ -176,6 +178,8 @@ const HOST_TOP_LEVEL: &[&str] = &["/bin", "/sbin", "/lib", "/lib64", "/lib32", "
 /// Host files bound read-only into `/etc` when they exist.
 const HOST_ETC_FILES: &[&str] = &["/etc/ld.so.cache", "/etc/localtime"];
 const HOST_ETC_DIRS: &[&str] = &["/etc/alternatives"];
+/// Network namespaces kept ready (see [`netns`]).
+const NET_POOL_SIZE: usize = 4;
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom"];
 
 impl Jail {
@@ -213,6 +217,7 @@ impl Jail {
             cgroups,
             filter: seccomp::filter(),
             top_level,
+            net_pool: netns::NetPool::start(NET_POOL_SIZE),
         })
     }
 
@@ -256,6 +261,7 @@ impl Jail {
         let result = pipe()?;
         let report = pipe()?;
         let go = pipe()?;
+        let netns = self.net_pool.take();
         let plan = self.finish_plan(
             spec,
             ops,
@@ -267,13 +273,14 @@ impl Jail {
                 report: report.1.as_raw_fd(),
                 go: go.0.as_raw_fd(),
             },
+            netns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
         )?;
 
-        let flags = libc::CLONE_NEWNS
-            | libc::CLONE_NEWPID
-            | libc::CLONE_NEWNET
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWUTS;
+        let mut flags =
+            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+        if netns.is_none() {
+            flags |= libc::CLONE_NEWNET;
+        }
         // SAFETY: a fork-like clone (no shared VM, no new stack). The child runs only
         // `child::init`, which neither allocates nor returns.
         let pid = unsafe {
@@ -641,7 +648,13 @@ impl Jail {
         Ok(ops)
     }
 
-    fn finish_plan(&self, spec: &Spec, ops: Vec<Op>, fds: ChildFds) -> io::Result<Plan> {
+    fn finish_plan(
+        &self,
+        spec: &Spec,
+        ops: Vec<Op>,
+        fds: ChildFds,
+        netns: libc::c_int,
+    ) -> io::Result<Plan> {
         let argv = spec
             .argv
             .iter()
@@ -686,6 +699,7 @@ impl Jail {
             argv,
             envp,
             fds,
+            netns,
         })
     }
 }
