@@ -135,12 +135,14 @@ pub fn catalogue() -> Vec<LanguageInfo> {
 }
 
 /// Runs `/sandbox/main.py` as `__main__` with `data` defined; reports `result` on fd 3.
-const PYTHON_PRELUDE: &str = r#"import json as _sg_json, os as _sg_os, sys as _sg_sys, traceback as _sg_tb
+const PYTHON_PRELUDE: &str = r#"import os as _sg_os, sys as _sg_sys
 def _sg_report(ns):
+    # json is imported only when there is something to encode: it costs milliseconds.
     if "result" not in ns:
         return
+    import json
     try:
-        text = _sg_json.dumps(ns["result"])
+        text = json.dumps(ns["result"])
     except (TypeError, ValueError):
         return
     try:
@@ -149,11 +151,11 @@ def _sg_report(ns):
     except OSError:
         pass
 def _sg_main():
-    try:
+    data = None
+    if _sg_os.path.exists("/sandbox/data.json"):
+        import json
         with open("/sandbox/data.json") as f:
-            data = _sg_json.load(f)
-    except FileNotFoundError:
-        data = None
+            data = json.load(f)
     ns = {"__name__": "__main__", "__builtins__": __builtins__, "data": data}
     with open("/sandbox/main.py") as f:
         source = f.read()
@@ -164,8 +166,9 @@ def _sg_main():
         _sg_report(ns)
         raise
     except BaseException:
+        import traceback
         exc_type, exc, tb = _sg_sys.exc_info()
-        _sg_tb.print_exception(exc_type, exc, tb.tb_next)
+        traceback.print_exception(exc_type, exc, tb.tb_next)
         _sg_sys.stderr.flush()
         _sg_sys.exit(1)
     _sg_report(ns)
