@@ -151,7 +151,12 @@ fn cpu_time_is_measured() {
     };
     assert_eq!(o.status, Status::Exited(0));
     assert!(o.cpu_time > Duration::from_millis(100), "{:?}", o.cpu_time);
-    assert!(o.cpu_time <= o.duration * 2, "{:?} in {:?}", o.cpu_time, o.duration);
+    assert!(
+        o.cpu_time <= o.duration * 2,
+        "{:?} in {:?}",
+        o.cpu_time,
+        o.duration
+    );
 }
 
 #[test]
