@@ -597,3 +597,73 @@ fn run_behaves_like_the_program() {
     let out = sandgate(&["run", unknown.to_str().unwrap()], &env, &config);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--lang"));
 }
+
+/// kill -9 in the middle of a burst of runs: the executions quota afterwards is
+/// exactly what was consumed — never an execution given back (at most the lowest
+/// count any run reported), never one lost (at least one per answered run, at most
+/// one per request sent), and no count handed out twice.
+#[test]
+fn the_quota_survives_kill_9_during_a_burst_of_runs() {
+    if let Err(e) = sandgate_jail::Jail::new(sandgate_jail::Config::default()) {
+        eprintln!("skipped: programs cannot be jailed here: {e}");
+        return;
+    }
+    const LIMIT: u64 = 200;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let admin_key = server.admin_key();
+    let admin = Client::new(&server.url, Some(admin_key.clone()));
+    let created = admin
+        .create_key(&json!({"name": "burst", "profile": "sandbox-user", "executionsLimit": LIMIT}))
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let key = created["key"].as_str().unwrap().to_owned();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..6)
+        .map(|_| {
+            let client = Client::new(&server.url, Some(key.clone()));
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let (mut sent, mut lefts) = (0u64, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    sent += 1;
+                    match client.execute(&json!({"language": "bash", "code": "sleep 0.05"})) {
+                        Ok(r) => lefts.push(r["executionsLeft"].as_u64().unwrap()),
+                        Err(_) => break, // the server is gone
+                    }
+                }
+                (sent, lefts)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    server.kill9();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut sent, mut lefts) = (0, Vec::new());
+    for w in workers {
+        let (s, l) = w.join().unwrap();
+        sent += s;
+        lefts.extend(l);
+    }
+    assert!(!lefts.is_empty(), "some runs finished before the kill");
+
+    let server = Server::start(&data);
+    let admin = Client::new(&server.url, Some(admin_key));
+    let remaining = admin.get_key(&id).unwrap()["executionsRemaining"]
+        .as_u64()
+        .unwrap();
+    let answered = lefts.len() as u64;
+    let lowest = *lefts.iter().min().unwrap();
+    assert!(remaining <= lowest, "given back: {remaining} > {lowest}");
+    assert!(
+        LIMIT - remaining >= answered,
+        "lost: {remaining} left after {answered} runs"
+    );
+    assert!(LIMIT - remaining <= sent, "more taken than requested");
+    let mut distinct = lefts.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), lefts.len(), "a count was handed out twice");
+}
