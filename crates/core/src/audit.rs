@@ -14,6 +14,10 @@ use crate::store::AuditStore;
 
 const QUEUE_CAPACITY: usize = 65_536;
 const MAX_BATCH: usize = 2_048;
+/// How long the writer lets a batch grow before writing it (unless a flush is
+/// waiting): under load this turns thousands of small commits a second into a few
+/// hundred large ones. A crash can lose only rows this young or still queued.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 
 #[derive(Debug, Clone)]
 pub struct AuditLog {
@@ -40,10 +44,23 @@ impl AuditLog {
             let mut rows = Vec::with_capacity(MAX_BATCH);
             let mut flushes = Vec::new();
             while rx.recv_many(&mut messages, MAX_BATCH).await > 0 {
-                for m in messages.drain(..) {
-                    match m {
-                        Message::Row(row) => rows.push(row),
-                        Message::Flush(done) => flushes.push(done),
+                let linger_until = tokio::time::Instant::now() + LINGER;
+                loop {
+                    for m in messages.drain(..) {
+                        match m {
+                            Message::Row(row) => rows.push(row),
+                            Message::Flush(done) => flushes.push(done),
+                        }
+                    }
+                    if !flushes.is_empty() || rows.len() >= MAX_BATCH {
+                        break;
+                    }
+                    let room = MAX_BATCH - rows.len();
+                    match tokio::time::timeout_at(linger_until, rx.recv_many(&mut messages, room))
+                        .await
+                    {
+                        Ok(n) if n > 0 => continue,
+                        _ => break,
                     }
                 }
                 if !rows.is_empty() {
