@@ -217,6 +217,11 @@ impl Client {
         self.call(Method::POST, "/v1/execute", Some(request))
     }
 
+    /// `GET /v1/keys/audit`: keys unused, expiring, or refused unusually often.
+    pub fn review_keys(&self) -> Result<Value, ClientError> {
+        self.call(Method::GET, "/v1/keys/audit", None)
+    }
+
     pub fn languages(&self) -> Result<Value, ClientError> {
         self.call(Method::GET, "/v1/languages", None)
     }

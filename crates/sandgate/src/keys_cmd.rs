@@ -11,10 +11,12 @@ use anyhow::{Context, Result, anyhow};
 use clap::{Args, Subcommand};
 use sandgate_client::Client;
 use sandgate_core::keys::api::{CreateKeyRequest, UpdateKeyRequest};
+use sandgate_core::keys::review;
 use sandgate_core::keys::{KeyError, KeyService, RequestContext};
 use sandgate_core::model::{Env, RateLimit, Timestamp};
 use sandgate_core::principal::Principal;
-use sandgate_core::store::SqliteStore;
+use sandgate_core::store::{SqliteStore, UsageStore};
+use sandgate_core::usage::UsageQuery;
 use serde_json::{Value, json};
 
 use crate::{output, parse, remote};
@@ -50,6 +52,9 @@ enum KeysCommand {
         #[arg(long)]
         grace: Option<String>,
     },
+    /// What to look at this week: keys unused for 30+ days, expiring within 7 days,
+    /// or refused unusually often.
+    Audit,
     /// Set the executions remaining (default: the limit).
     ResetExecutions {
         id: String,
@@ -218,6 +223,7 @@ enum Backend {
     Local {
         runtime: tokio::runtime::Runtime,
         service: KeyService,
+        store: SqliteStore,
     },
     Remote(Client),
 }
@@ -232,8 +238,12 @@ impl Backend {
             .build()?;
         let store = SqliteStore::open(dir)
             .with_context(|| format!("opening the store in {}", dir.display()))?;
-        let service = runtime.block_on(KeyService::load(Arc::new(store)))?;
-        Ok(Backend::Local { runtime, service })
+        let service = runtime.block_on(KeyService::load(Arc::new(store.clone())))?;
+        Ok(Backend::Local {
+            runtime,
+            service,
+            store,
+        })
     }
 }
 
@@ -260,6 +270,7 @@ pub fn run(args: KeysArgs) -> Result<ExitCode> {
             c.create_key(&serde_json::to_value(create_request(a)?)?)?
         }
         (Backend::Remote(c), KeysCommand::List) => c.list_keys()?,
+        (Backend::Remote(c), KeysCommand::Audit) => c.review_keys()?,
         (Backend::Remote(c), KeysCommand::Get { id }) => c.get_key(id)?,
         (Backend::Remote(c), KeysCommand::Update(a)) => {
             c.update_key(&a.id, &serde_json::to_value(update_request(a)?)?)?
@@ -274,8 +285,28 @@ pub fn run(args: KeysArgs) -> Result<ExitCode> {
         (Backend::Remote(c), KeysCommand::ResetExecutions { id, remaining }) => {
             c.reset_executions(id, *remaining)?
         }
-        (Backend::Local { runtime, service }, command) => runtime.block_on(async {
+        (
+            Backend::Local {
+                runtime,
+                service,
+                store,
+            },
+            command,
+        ) => runtime.block_on(async {
             let v = match command {
+                KeysCommand::Audit => {
+                    let now = Timestamp::now();
+                    let keys = service.list_keys(&operator).await.map_err(local_error)?;
+                    let (from_day, to_day) = review::usage_days(now);
+                    let usage = store
+                        .query_usage(&UsageQuery {
+                            tenant_env: None,
+                            from_day,
+                            to_day,
+                        })
+                        .await?;
+                    serde_json::to_value(review::review(keys, &usage, now))?
+                }
                 KeysCommand::Create(a) => serde_json::to_value(
                     service
                         .create_key(&operator, &local_context("create"), create_request(a)?)
@@ -377,6 +408,29 @@ fn print(args: &KeysArgs, value: &Value) {
             output::fields(&shown);
         }
         KeysCommand::Revoke { id } => println!("revoked {id}"),
+        KeysCommand::Audit => {
+            for (title, list) in [
+                ("Unused for 30 days or more", "unused"),
+                ("Expiring within 7 days", "expiring"),
+                ("Refused unusually often (last 7 days)", "unusualDenials"),
+            ] {
+                let rows = value[list].as_array().cloned().unwrap_or_default();
+                println!("{title}: {}", rows.len());
+                if !rows.is_empty() {
+                    output::table(
+                        &rows,
+                        &[
+                            ("ID", "id"),
+                            ("NAME", "name"),
+                            ("TENANT", "tenant"),
+                            ("ENV", "env"),
+                            ("WHY", "reason"),
+                        ],
+                    );
+                }
+                println!();
+            }
+        }
         _ => output::fields(value),
     }
 }

@@ -203,6 +203,12 @@ pub fn table() -> RouteTable {
             keys::list_keys,
         )
         .add(
+            get("/v1/keys/audit", Needs(Scope::KeysRead), "reviewKeys")
+                .summary("Keys to look at: unused 30+ days, expiring within 7, unusual denials")
+                .returns::<sandgate_core::keys::review::KeyReview>(200),
+            keys::review_keys,
+        )
+        .add(
             get("/v1/keys/{id}", Needs(Scope::KeysRead), "getKey")
                 .summary("One key")
                 .returns::<sandgate_core::keys::api::KeyView>(200),

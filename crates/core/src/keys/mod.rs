@@ -4,6 +4,7 @@
 pub mod api;
 pub mod env_keys;
 pub mod format;
+pub mod review;
 pub mod service;
 
 pub use service::{AuthFailure, Denied, KeyError, KeyService, RequestContext};

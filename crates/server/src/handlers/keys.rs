@@ -7,6 +7,10 @@ use sandgate_core::keys::api::{
     CreateKeyRequest, CreatedKey, KeyView, ResetExecutionsRequest, RotateKeyRequest,
     UpdateKeyRequest, WhoAmI,
 };
+use sandgate_core::keys::review::{self, KeyReview};
+use sandgate_core::model::Timestamp;
+use sandgate_core::scopes::Scope;
+use sandgate_core::usage::UsageQuery;
 use schemars::JsonSchema;
 use serde::Serialize;
 
@@ -39,6 +43,29 @@ pub async fn list_keys(
 ) -> ApiResult<Json<KeyList>> {
     let data = state.keys().list_keys(&caller).await?;
     Ok(Json(KeyList { data }))
+}
+
+/// Keys to look at this week: unused for 30 days, expiring within 7, or refused
+/// unusually often (SPEC is silent; see `sandgate_core::keys::review`).
+pub async fn review_keys(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> ApiResult<Json<KeyReview>> {
+    let now = Timestamp::now();
+    let keys = state.keys().list_keys(&caller).await?;
+    // Counts still in memory are part of the answer.
+    state.usage().flush(state.usage_store()).await?;
+    let (from_day, to_day) = review::usage_days(now);
+    let usage = state
+        .usage_store()
+        .query_usage(&UsageQuery {
+            tenant_env: (!caller.has(Scope::TenantsManage))
+                .then(|| (caller.tenant.clone(), caller.env)),
+            from_day,
+            to_day,
+        })
+        .await?;
+    Ok(Json(review::review(keys, &usage, now)))
 }
 
 pub async fn get_key(

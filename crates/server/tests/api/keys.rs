@@ -315,3 +315,49 @@ fn a_key_never_outlives_the_key_that_made_it() {
         .unwrap_err();
     assert_eq!(err.code(), Some("FORBIDDEN"));
 }
+
+#[test]
+fn the_keys_audit_lists_expiring_keys_and_unusual_denials() {
+    let app = TestApp::start();
+    let (_, expiring) = app.create_key(json!({"name": "soon", "expiresInSec": 3 * 86_400}));
+    let (_, later) = app.create_key(json!({"name": "later", "expiresInSec": 30 * 86_400}));
+    let (noisy, noisy_view) = app.create_key(json!({"name": "noisy", "scopes": ["keys:read"]}));
+    let client = app.client(&noisy);
+    for _ in 0..25 {
+        // keys:manage is missing: each attempt is denied and counted against the key.
+        let r = client
+            .raw(
+                sandgate_client::Method::POST,
+                "/v1/keys",
+                &[],
+                Some(br#"{"name":"x"}"#),
+            )
+            .unwrap();
+        assert_eq!(r.status, 403);
+    }
+    let review = app.admin().review_keys().unwrap();
+    let ids = |list: &str| -> Vec<String> {
+        review[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(ids("expiring").contains(&expiring["id"].as_str().unwrap().to_owned()));
+    assert!(!ids("expiring").contains(&later["id"].as_str().unwrap().to_owned()));
+    let noisy_id = noisy_view["id"].as_str().unwrap();
+    assert_eq!(ids("unusualDenials"), [noisy_id]);
+    let entry = &review["unusualDenials"][0];
+    assert_eq!(entry["recentDenied"], 25);
+    assert!(entry["reason"].as_str().unwrap().contains("25 of"));
+    assert!(ids("unused").is_empty(), "every key here is new");
+    // The noisy key may read keys, so it may see this view too — of its own tenant.
+    assert!(client.review_keys().is_ok());
+    let no_read = app.key_with(&["sandbox:execute"]);
+    let r = app.get(Some(&no_read), "/v1/keys/audit");
+    assert_eq!(
+        assert_error(&r, 403, "FORBIDDEN")["error"]["requiredScope"],
+        "keys:read"
+    );
+}
