@@ -170,6 +170,12 @@ impl Group {
         Duration::from_nanos(read_u64(self.dir("cpuacct"), "cpuacct.usage").unwrap_or(0))
     }
 
+    /// Freezes or thaws every process in the group (v1 freezer).
+    pub(crate) fn set_frozen(&self, frozen: bool) -> io::Result<()> {
+        let state = if frozen { "FROZEN" } else { "THAWED" };
+        fs::write(self.dir("freezer").join("freezer.state"), state)
+    }
+
     /// Kills every process still in the groups.
     pub(crate) fn kill_all(&self) {
         for (_, dir) in &self.dirs {

@@ -60,6 +60,19 @@ pub(crate) struct Plan {
     pub fds: ChildFds,
     /// A ready network namespace to join, or -1 to bring up the one of the clone.
     pub netns: c_int,
+    pub mode: Mode,
+}
+
+/// What the cloned child is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Build the jail, run one program, end with it.
+    OneShot,
+    /// Build the jail, report ready, then only reap until killed.
+    SandboxInit,
+    /// Join an existing sandbox's namespaces (ipc, uts, net, cgroup, pid, mnt)
+    /// and run one program there.
+    Enter([c_int; 6]),
 }
 
 /// The child's ends of the pipes, as numbered in the parent.
@@ -88,6 +101,10 @@ pub(crate) struct Report {
 impl Report {
     pub const SETUP_FAILED: u32 = 1;
     pub const EXITED: u32 = 2;
+    /// A sandbox's init has built the jail.
+    pub const READY: u32 = 3;
+    /// An entered program started; `status` is its pid (as the server sees it).
+    pub const STARTED: u32 = 4;
     pub const SIZE: usize = size_of::<Report>();
 
     pub(crate) fn from_bytes(b: &[u8; Report::SIZE]) -> Report {
@@ -119,6 +136,7 @@ pub(crate) enum Stage {
     Capabilities = -12,
     Seccomp = -13,
     Exec = -14,
+    Enter = -15,
 }
 
 impl Stage {
@@ -138,6 +156,7 @@ impl Stage {
             -12 => "dropping capabilities",
             -13 => "installing the seccomp filter",
             -14 => "starting the program",
+            -15 => "entering the sandbox's namespaces",
             _ => "mounting",
         }
     }
@@ -190,6 +209,59 @@ pub(crate) unsafe fn init(plan: &Plan) -> ! {
     // SAFETY: (whole function) only system calls on memory owned by `plan` or the
     // stack; no allocation, no locks.
     unsafe {
+        prologue(plan);
+        if plan.netns >= 0 {
+            check(
+                libc::setns(plan.netns, libc::CLONE_NEWNET),
+                report,
+                Stage::Loopback as i32,
+            );
+        }
+        check(
+            libc::unshare(libc::CLONE_NEWCGROUP),
+            report,
+            Stage::CgroupNamespace as i32,
+        );
+        close_all_but(&[
+            plan.fds.stdin,
+            plan.fds.stdout,
+            plan.fds.stderr,
+            plan.fds.result,
+            plan.fds.report,
+        ]);
+        build(plan);
+        if plan.mode == Mode::SandboxInit {
+            send(
+                report,
+                &Report {
+                    kind: Report::READY,
+                    ..Report::default()
+                },
+            );
+            for fd in [
+                plan.fds.stdin,
+                plan.fds.stdout,
+                plan.fds.stderr,
+                plan.fds.result,
+                plan.fds.report,
+            ] {
+                libc::close(fd);
+            }
+            reap_forever();
+        }
+        run_and_report(plan, report);
+    }
+}
+
+/// Signal state, parent-death signal, non-dumpable, and the wait for the parent's
+/// go (sent once the child is in its cgroups).
+///
+/// # Safety
+/// Child only.
+unsafe fn prologue(plan: &Plan) {
+    let report = plan.fds.report;
+    // SAFETY: system calls on the stack and plan-owned fds only.
+    unsafe {
         // Signals: default dispositions (the server ignores SIGPIPE and has handlers),
         // nothing blocked. 32 and 33 belong to the C library and refuse; fine.
         let mut empty: libc::sigset_t = std::mem::zeroed();
@@ -211,26 +283,17 @@ pub(crate) unsafe fn init(plan: &Plan) -> ! {
             fail(report, Stage::Go as i32);
         }
         libc::close(plan.fds.go);
-        if plan.netns >= 0 {
-            check(
-                libc::setns(plan.netns, libc::CLONE_NEWNET),
-                report,
-                Stage::Loopback as i32,
-            );
-        }
-        check(
-            libc::unshare(libc::CLONE_NEWCGROUP),
-            report,
-            Stage::CgroupNamespace as i32,
-        );
-        close_all_but(&[
-            plan.fds.stdin,
-            plan.fds.stdout,
-            plan.fds.stderr,
-            plan.fds.result,
-            plan.fds.report,
-        ]);
+    }
+}
 
+/// The jail's filesystem, hostname and loopback.
+///
+/// # Safety
+/// Child only, in its new mount and UTS namespaces.
+unsafe fn build(plan: &Plan) {
+    let report = plan.fds.report;
+    // SAFETY: system calls on plan-owned memory only.
+    unsafe {
         check(
             libc::mount(
                 ptr::null(),
@@ -255,7 +318,16 @@ pub(crate) unsafe fn init(plan: &Plan) -> ! {
         if plan.netns < 0 {
             loopback_up(report);
         }
+    }
+}
 
+/// Forks the program, reaps every child, reports the program's wait status, exits.
+///
+/// # Safety
+/// Child only.
+unsafe fn run_and_report(plan: &Plan, report: c_int) -> ! {
+    // SAFETY: system calls on plan-owned memory and the stack only.
+    unsafe {
         let pid = libc::syscall(libc::SYS_clone, libc::SIGCHLD as c_ulong, 0, 0, 0, 0);
         if pid < 0 {
             fail(report, Stage::Fork as i32);
@@ -271,6 +343,16 @@ pub(crate) unsafe fn init(plan: &Plan) -> ! {
             plan.fds.result,
         ] {
             libc::close(fd);
+        }
+        if matches!(plan.mode, Mode::Enter(_)) {
+            send(
+                report,
+                &Report {
+                    kind: Report::STARTED,
+                    status: program_pid,
+                    ..Report::default()
+                },
+            );
         }
         loop {
             let mut status: c_int = 0;
@@ -291,6 +373,54 @@ pub(crate) unsafe fn init(plan: &Plan) -> ! {
                 libc::_exit(1);
             }
         }
+    }
+}
+
+/// A sandbox's init after setup: reaps orphans until the sandbox is killed.
+///
+/// # Safety
+/// Child only.
+unsafe fn reap_forever() -> ! {
+    // SAFETY: signal mask and waits on the stack only.
+    unsafe {
+        let mut chld: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut chld);
+        libc::sigaddset(&mut chld, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &chld, ptr::null_mut());
+        loop {
+            let mut status: c_int = 0;
+            while libc::waitpid(-1, &mut status, libc::__WALL | libc::WNOHANG) > 0 {}
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::sigwaitinfo(&chld, &mut info);
+        }
+    }
+}
+
+/// Runs one program inside an existing sandbox: joins its namespaces (the PID
+/// namespace takes effect for the forked program), then as [`init`] does for a
+/// one-shot run, reporting the program's pid first.
+///
+/// # Safety
+/// Only in the child of a plain `clone`, with `plan.mode` = [`Mode::Enter`].
+pub(crate) unsafe fn enter(plan: &Plan) -> ! {
+    let report = plan.fds.report;
+    let Mode::Enter(ns) = plan.mode else {
+        fail(report, Stage::Enter as i32)
+    };
+    // SAFETY: system calls on plan-owned memory and the stack only.
+    unsafe {
+        prologue(plan);
+        for fd in ns {
+            check(libc::setns(fd, 0), report, Stage::Enter as i32);
+        }
+        close_all_but(&[
+            plan.fds.stdin,
+            plan.fds.stdout,
+            plan.fds.stderr,
+            plan.fds.result,
+            plan.fds.report,
+        ]);
+        run_and_report(plan, report);
     }
 }
 

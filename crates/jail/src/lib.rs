@@ -14,7 +14,10 @@
 //! - [`Jail`] (here): prepares a [`child::Plan`], clones, joins the child to its
 //!   cgroups, feeds stdin and collects output until the end or a limit.
 //! - [`child`]: the code between `clone` and `execve`, allocation-free.
-//! - [`cgroup`]: v1 control groups. [`seccomp`]: the filter.
+//! - [`sandbox`]: long-lived sandboxes — an init that stays up, and programs run
+//!   inside it by joining its namespaces ([`Jail::create_sandbox`], [`Jail::exec`]).
+//! - [`cgroup`]: v1 control groups. [`seccomp`]: the filter. [`netns`]: network
+//!   namespaces made ahead of time.
 //!
 //! Requires root (real, not in a user namespace) and cgroup v1 hierarchies for
 //! memory, pids, cpu, cpuacct and freezer.
@@ -31,10 +34,13 @@ use std::time::{Duration, Instant};
 mod cgroup;
 mod child;
 mod netns;
+mod sandbox;
+
+pub use sandbox::Sandbox;
 mod seccomp;
 
 use cgroup::{Cgroups, GroupLimits};
-use child::{ChildFds, Op, Plan, Report, Stage};
+use child::{ChildFds, Mode, Op, Plan, Report, Stage};
 
 /// How the jail is set up on this machine.
 #[derive(Debug, Clone)]
@@ -157,15 +163,15 @@ pub struct Outcome {
 pub struct Jail {
     config: Config,
     mount_point: PathBuf,
-    cgroups: Cgroups,
+    pub(crate) cgroups: Cgroups,
     filter: Vec<libc::sock_filter>,
     /// `/bin`, `/lib`, … as on the host: symlinks into `/usr` or directories.
     top_level: Vec<(String, TopLevel)>,
-    net_pool: netns::NetPool,
+    pub(crate) net_pool: netns::NetPool,
 }
 
 /// Numbers runs process-wide: several jails in one process share cgroup names.
-static RUN_SEQ: AtomicU64 = AtomicU64::new(0);
+pub(crate) static RUN_SEQ: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, Clone)]
 enum TopLevel {
@@ -274,6 +280,7 @@ impl Jail {
                 go: go.0.as_raw_fd(),
             },
             netns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+            Mode::OneShot,
         )?;
 
         let mut flags =
@@ -397,6 +404,11 @@ impl Jail {
         if spec.argv.is_empty() {
             return Err(invalid("argv must not be empty"));
         }
+        self.plan_fs(spec)
+    }
+
+    /// The filesystem steps alone (a sandbox's init builds them without a program).
+    pub(crate) fn plan_fs(&self, spec: &Spec) -> io::Result<Vec<Op>> {
         for f in &spec.files {
             if f.name.is_empty() || f.name.contains('/') || f.name == "." || f.name == ".." {
                 return Err(invalid(&format!("bad sandbox file name `{}`", f.name)));
@@ -648,12 +660,13 @@ impl Jail {
         Ok(ops)
     }
 
-    fn finish_plan(
+    pub(crate) fn finish_plan(
         &self,
         spec: &Spec,
         ops: Vec<Op>,
         fds: ChildFds,
         netns: libc::c_int,
+        mode: Mode,
     ) -> io::Result<Plan> {
         let argv = spec
             .argv
@@ -700,20 +713,21 @@ impl Jail {
             envp,
             fds,
             netns,
+            mode,
         })
     }
 }
 
-fn invalid(msg: &str) -> io::Error {
+pub(crate) fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg.to_owned())
 }
 
-fn cstr(bytes: &[u8]) -> io::Result<CString> {
+pub(crate) fn cstr(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| invalid("a string passed to the jail contains NUL"))
 }
 
 /// `(read end, write end)`, both close-on-exec.
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two fds into the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -723,7 +737,7 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-fn write_all(fd: &OwnedFd, mut buf: &[u8]) -> io::Result<()> {
+pub(crate) fn write_all(fd: &OwnedFd, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         // SAFETY: writes from a live slice.
         let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
@@ -747,21 +761,22 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 }
 
 /// The jail's init process, killed and reaped whatever happens.
-struct Child {
-    pid: libc::pid_t,
-    reaped: bool,
+#[derive(Debug)]
+pub(crate) struct Child {
+    pub(crate) pid: libc::pid_t,
+    pub(crate) reaped: bool,
 }
 
 impl Child {
     /// Killing the PID namespace's init kills every process in the namespace.
-    fn kill(&self) {
+    pub(crate) fn kill(&self) {
         if !self.reaped {
             // SAFETY: our own unreaped child: the pid cannot have been reused.
             unsafe { libc::kill(self.pid, libc::SIGKILL) };
         }
     }
 
-    fn wait(&mut self) -> io::Result<i32> {
+    pub(crate) fn wait(&mut self) -> io::Result<i32> {
         let mut status = 0;
         loop {
             // SAFETY: waits for our own child.
@@ -789,25 +804,25 @@ impl Drop for Child {
 }
 
 #[derive(Debug, Default)]
-struct Captured {
-    data: Vec<u8>,
-    truncated: bool,
+pub(crate) struct Captured {
+    pub(crate) data: Vec<u8>,
+    pub(crate) truncated: bool,
 }
 
 /// stdin to feed, stdout/stderr/result/report to drain.
-struct Streams<'a> {
+pub(crate) struct Streams<'a> {
     stdin: Option<OwnedFd>,
     stdin_rest: &'a [u8],
     /// stdout, stderr, result, report; `None` once at end of file.
-    readers: [Option<OwnedFd>; 4],
-    outputs: [Captured; 3],
+    pub(crate) readers: [Option<OwnedFd>; 4],
+    pub(crate) outputs: [Captured; 3],
     report: Vec<u8>,
     cap: usize,
-    over_cap: bool,
+    pub(crate) over_cap: bool,
 }
 
 impl<'a> Streams<'a> {
-    fn new(
+    pub(crate) fn new(
         stdin: OwnedFd,
         input: &'a [u8],
         readers: [OwnedFd; 4],
@@ -828,12 +843,12 @@ impl<'a> Streams<'a> {
         })
     }
 
-    fn done(&self) -> bool {
+    pub(crate) fn done(&self) -> bool {
         self.readers.iter().all(Option::is_none)
     }
 
     /// Waits up to `timeout` for any stream; returns whether anything moved.
-    fn poll(&mut self, timeout: Duration) -> io::Result<bool> {
+    pub(crate) fn poll(&mut self, timeout: Duration) -> io::Result<bool> {
         let mut pfds = Vec::with_capacity(5);
         let mut which = Vec::with_capacity(5);
         for (i, r) in self.readers.iter().enumerate() {
@@ -940,7 +955,7 @@ impl<'a> Streams<'a> {
         }
     }
 
-    fn reports(&self) -> Vec<Report> {
+    pub(crate) fn reports(&self) -> Vec<Report> {
         self.report
             .chunks_exact(Report::SIZE)
             .map(|c| Report::from_bytes(c.try_into().expect("exact chunk")))

@@ -1,0 +1,412 @@
+//! Long-lived sandboxes: a jail whose init stays up, and programs run inside it
+//! one after another, sharing its filesystem, processes and limits.
+//!
+//! [`Jail::create_sandbox`] builds the jail as a one-shot run does, but its init
+//! reports ready and then only reaps. [`Jail::exec`] runs a program inside: a
+//! plain clone of the server joins the sandbox's namespaces and cgroups (as
+//! `nsenter` would) and forks the program, which is set up exactly like a one-shot
+//! program (uid, capabilities, no_new_privs, seccomp, rlimits). Background
+//! processes an exec leaves keep running until the sandbox is killed; killing the
+//! sandbox's init ends them all.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::cgroup::{Group, GroupLimits};
+use crate::child::{self, ChildFds, Mode, Report, Stage};
+use crate::{Child, Jail, Outcome, RUN_SEQ, Spec, Status, Streams, pipe, write_all};
+
+/// How long a sandbox's init may take to build the jail.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// After an exec's program exits, how long output still in flight is collected
+/// (background processes may keep the pipes open for ever).
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(20);
+
+/// A running sandbox. Dropping it kills everything in it and removes its cgroups.
+#[derive(Debug)]
+pub struct Sandbox {
+    init: Child,
+    group: Option<Group>,
+    /// The init's ipc, uts, net, cgroup, pid and mnt namespaces, in joining order.
+    ns: [OwnedFd; 6],
+    created: Instant,
+}
+
+const NAMESPACES: [&str; 6] = ["ipc", "uts", "net", "cgroup", "pid", "mnt"];
+
+impl Jail {
+    /// Builds a sandbox with `spec`'s files and limits (its `argv` is ignored; its
+    /// memory, pids and CPU limits bound everything ever run inside).
+    pub fn create_sandbox(&self, spec: &Spec) -> io::Result<Sandbox> {
+        let ops = self.plan_fs(spec)?;
+        let limits = spec.limits;
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            RUN_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let group = self.cgroups.create(
+            &id,
+            GroupLimits {
+                memory_bytes: limits.memory_bytes,
+                pids: limits.pids,
+                cpu_millicores: limits.cpu_millicores,
+            },
+        )?;
+        let mut sandbox_group = Some(group);
+        let result = self.start_init(spec, ops, sandbox_group.as_ref().expect("just set"));
+        match result {
+            Ok((init, ns)) => Ok(Sandbox {
+                init,
+                group: sandbox_group.take(),
+                ns,
+                created: Instant::now(),
+            }),
+            Err(e) => {
+                if let Some(g) = sandbox_group.take() {
+                    g.kill_all();
+                    g.remove();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn start_init(
+        &self,
+        spec: &Spec,
+        ops: Vec<child::Op>,
+        group: &Group,
+    ) -> io::Result<(Child, [OwnedFd; 6])> {
+        let (stdin, stdout, stderr, result, report, go) =
+            (pipe()?, pipe()?, pipe()?, pipe()?, pipe()?, pipe()?);
+        let netns = self.net_pool.take();
+        let plan = self.finish_plan(
+            spec,
+            ops,
+            ChildFds {
+                stdin: stdin.0.as_raw_fd(),
+                stdout: stdout.1.as_raw_fd(),
+                stderr: stderr.1.as_raw_fd(),
+                result: result.1.as_raw_fd(),
+                report: report.1.as_raw_fd(),
+                go: go.0.as_raw_fd(),
+            },
+            netns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+            Mode::SandboxInit,
+        )?;
+        let mut flags =
+            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+        if netns.is_none() {
+            flags |= libc::CLONE_NEWNET;
+        }
+        // SAFETY: a fork-like clone; the child runs only `child::init`, which
+        // neither allocates nor returns.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (flags | libc::SIGCHLD) as libc::c_ulong,
+                0,
+                0,
+                0,
+                0,
+            )
+        };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: we are the clone's child with the namespaces above.
+            unsafe { child::init(&plan) };
+        }
+        drop((stdin, stdout, stderr, result, report.1, go.0));
+        let init = Child {
+            pid: pid as libc::pid_t,
+            reaped: false,
+        };
+        group.attach(init.pid)?;
+        write_all(&go.1, b"g")?;
+        drop(go.1);
+        let ready = read_report(&report.0, READY_TIMEOUT)?;
+        match ready {
+            Some(r) if r.kind == Report::READY => {}
+            Some(r) if r.kind == Report::SETUP_FAILED => {
+                let what = usize::try_from(r.stage)
+                    .ok()
+                    .and_then(|i| plan.ops.get(i))
+                    .map_or_else(
+                        || Stage::describe(r.stage).to_owned(),
+                        |op| format!("{op:?}"),
+                    );
+                return Err(io::Error::other(format!(
+                    "sandbox setup failed ({what}): {}",
+                    io::Error::from_raw_os_error(r.errno)
+                )));
+            }
+            _ => return Err(io::Error::other("the sandbox's init did not get ready")),
+        }
+        let ns = NAMESPACES.map(|n| File::open(format!("/proc/{}/ns/{n}", init.pid)));
+        let [a, b, c, d, e, f] = ns;
+        Ok((
+            init,
+            [
+                a?.into(),
+                b?.into(),
+                c?.into(),
+                d?.into(),
+                e?.into(),
+                f?.into(),
+            ],
+        ))
+    }
+
+    /// Runs a program inside a sandbox, to its end, its deadline or its output cap.
+    /// The sandbox's memory, pids and CPU limits apply (not `spec`'s); `spec.files`
+    /// are not written (the sandbox's `/sandbox` is read-only).
+    pub fn exec(&self, sandbox: &Sandbox, spec: &Spec) -> io::Result<Outcome> {
+        if spec.argv.is_empty() {
+            return Err(crate::invalid("argv must not be empty"));
+        }
+        let group = sandbox
+            .group
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the sandbox is gone"))?;
+        let (stdin, stdout, stderr, result, report, go) =
+            (pipe()?, pipe()?, pipe()?, pipe()?, pipe()?, pipe()?);
+        let ns = sandbox.ns.each_ref().map(AsRawFd::as_raw_fd);
+        let plan = self.finish_plan(
+            spec,
+            Vec::new(),
+            ChildFds {
+                stdin: stdin.0.as_raw_fd(),
+                stdout: stdout.1.as_raw_fd(),
+                stderr: stderr.1.as_raw_fd(),
+                result: result.1.as_raw_fd(),
+                report: report.1.as_raw_fd(),
+                go: go.0.as_raw_fd(),
+            },
+            -1,
+            Mode::Enter(ns),
+        )?;
+        // SAFETY: a plain fork-like clone; the child runs only `child::enter`.
+        let pid =
+            unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0) };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: we are a plain clone's child; the plan's mode is Enter.
+            unsafe { child::enter(&plan) };
+        }
+        let started = Instant::now();
+        drop((stdin.0, stdout.1, stderr.1, result.1, report.1, go.0));
+        let mut helper = Child {
+            pid: pid as libc::pid_t,
+            reaped: false,
+        };
+        group.attach(helper.pid)?;
+        write_all(&go.1, b"g")?;
+        drop(go.1);
+
+        let mut streams = Streams::new(
+            stdin.1,
+            &spec.stdin,
+            [stdout.0, stderr.0, result.0, report.0],
+            spec.limits.output_bytes,
+        )?;
+        let deadline = started + spec.limits.timeout;
+        let mut ended_by: Option<Status> = None;
+        let mut exited_at: Option<Instant> = None;
+        let kill = |streams: &Streams<'_>, helper: &Child| {
+            // The program is a session leader: its process group is everything it
+            // started that did not leave it.
+            if let Some(r) = streams.reports().iter().find(|r| r.kind == Report::STARTED) {
+                // SAFETY: kill has no memory effects; the group is the program's.
+                unsafe { libc::kill(-r.status, libc::SIGKILL) };
+            }
+            helper.kill();
+        };
+        loop {
+            if streams.done() {
+                break;
+            }
+            let now = Instant::now();
+            if exited_at.is_none() && streams.readers[3].is_none() {
+                exited_at = Some(now);
+            }
+            if exited_at.is_some_and(|t| now >= t + DRAIN_AFTER_EXIT) {
+                break;
+            }
+            if ended_by.is_none() && now >= deadline {
+                kill(&streams, &helper);
+                ended_by = Some(Status::Timeout);
+            }
+            let wait = match (ended_by, exited_at) {
+                (_, Some(t)) => (t + DRAIN_AFTER_EXIT).saturating_duration_since(now),
+                (Some(_), None) => Duration::from_millis(100),
+                (None, None) => deadline.saturating_duration_since(now),
+            };
+            streams.poll(wait)?;
+            if streams.over_cap && ended_by.is_none() {
+                kill(&streams, &helper);
+                ended_by = Some(Status::OutputLimit);
+            }
+            if ended_by.is_some() && Instant::now() > deadline + Duration::from_secs(2) {
+                break;
+            }
+        }
+        helper.kill();
+        helper.wait()?;
+        let duration = started.elapsed();
+        let reports = streams.reports();
+        if let Some(r) = reports.iter().find(|r| r.kind == Report::SETUP_FAILED) {
+            return Err(io::Error::other(format!(
+                "exec setup failed ({}): {}",
+                Stage::describe(r.stage),
+                io::Error::from_raw_os_error(r.errno)
+            )));
+        }
+        let (mut exit_code, mut signal) = (None, None);
+        if let Some(r) = reports.iter().find(|r| r.kind == Report::EXITED) {
+            if libc::WIFEXITED(r.status) {
+                exit_code = Some(libc::WEXITSTATUS(r.status));
+            } else if libc::WIFSIGNALED(r.status) {
+                signal = Some(libc::WTERMSIG(r.status));
+            }
+        }
+        let mut status = match (ended_by, exit_code, signal) {
+            (Some(s), _, _) => s,
+            (None, Some(code), _) => Status::Exited(code),
+            (None, None, Some(sig)) => Status::Signaled(sig),
+            (None, None, None) => Status::Signaled(libc::SIGKILL),
+        };
+        if signal == Some(libc::SIGKILL) && group.oom_kills() > 0 && ended_by.is_none() {
+            status = Status::MemoryLimit;
+        }
+        let [out, err, res] = std::mem::take(&mut streams.outputs);
+        Ok(Outcome {
+            status,
+            exit_code,
+            signal,
+            truncated: out.truncated || err.truncated,
+            stdout: out.data,
+            stderr: err.data,
+            result: (!res.truncated && !res.data.is_empty()).then_some(res.data),
+            duration,
+            cpu_time: Duration::ZERO,
+        })
+    }
+}
+
+impl Sandbox {
+    /// The sandbox's init, as the server sees it.
+    pub fn init_pid(&self) -> i32 {
+        self.init.pid
+    }
+
+    /// Whether the sandbox still runs (its init has not died).
+    pub fn is_alive(&mut self) -> bool {
+        if self.init.reaped {
+            return false;
+        }
+        let mut status = 0;
+        // SAFETY: a non-blocking wait for our own child.
+        let r = unsafe { libc::waitpid(self.init.pid, &mut status, libc::WNOHANG | libc::__WALL) };
+        if r == self.init.pid {
+            self.init.reaped = true;
+        }
+        !self.init.reaped
+    }
+
+    /// CPU time used by everything ever run inside.
+    pub fn cpu_time(&self) -> Duration {
+        self.group.as_ref().map_or(Duration::ZERO, Group::cpu_time)
+    }
+
+    /// How long the sandbox has existed.
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    /// Freezes (`true`) or thaws every process in the sandbox.
+    pub fn set_frozen(&self, frozen: bool) -> io::Result<()> {
+        match &self.group {
+            Some(g) => g.set_frozen(frozen),
+            None => Err(io::Error::other("the sandbox is gone")),
+        }
+    }
+
+    /// Kills everything inside and removes the sandbox's cgroups.
+    pub fn kill(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(group) = self.group.take() {
+            // Thaw first: frozen processes cannot die.
+            let _ = group.set_frozen(false);
+            self.init.kill();
+            let _ = self.init.wait();
+            group.kill_all();
+            group.remove();
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Reads one report record, waiting at most `timeout`; `None` at end of file.
+fn read_report(fd: &OwnedFd, timeout: Duration) -> io::Result<Option<Report>> {
+    let mut buf = [0u8; Report::SIZE];
+    let mut got = 0;
+    let deadline = Instant::now() + timeout;
+    while got < Report::SIZE {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no report in time"));
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            continue;
+        }
+        // SAFETY: reads into the rest of a live stack buffer.
+        let r = unsafe {
+            libc::read(
+                fd.as_raw_fd(),
+                buf[got..].as_mut_ptr().cast(),
+                Report::SIZE - got,
+            )
+        };
+        match r {
+            0 => return Ok(None),
+            r if r < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            r => got += r as usize,
+        }
+    }
+    Ok(Some(Report::from_bytes(&buf)))
+}

@@ -1,0 +1,129 @@
+//! Long-lived sandboxes: programs run one after another inside the same jail.
+
+use std::time::Duration;
+
+use sandgate_jail::{Config, Jail, Limits, Spec, Status};
+
+fn jail() -> Option<Jail> {
+    match Jail::new(Config::default()) {
+        Ok(j) => Some(j),
+        Err(e) => {
+            eprintln!("skipped: the jail is unavailable here: {e}");
+            None
+        }
+    }
+}
+
+fn sh(script: &str) -> Spec {
+    Spec {
+        argv: vec!["/bin/bash".into(), "-c".into(), script.into()],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        ..Spec::default()
+    }
+}
+
+fn out(o: &sandgate_jail::Outcome) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn files_and_background_processes_persist_between_execs() {
+    let Some(jail) = jail() else { return };
+    let sandbox = jail.create_sandbox(&Spec::default()).unwrap();
+    let o = jail
+        .exec(&sandbox, &sh("echo kept > /workspace/note; (exec -a bg-worker sleep 300) > /dev/null 2>&1 & echo started"))
+        .unwrap();
+    assert_eq!(o.status, Status::Exited(0));
+    assert_eq!(out(&o), "started\n");
+    let o = jail
+        .exec(
+            &sandbox,
+            &sh("cat /workspace/note; ps -eo args | grep -c '^bg-worker'; id -u; hostname"),
+        )
+        .unwrap();
+    assert_eq!(
+        out(&o),
+        "kept\n1\n65534\nsandbox\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A second sandbox sees none of it.
+    let other = jail.create_sandbox(&Spec::default()).unwrap();
+    let o = jail
+        .exec(
+            &other,
+            &sh("cat /workspace/note 2>&1; ps -eo args | grep -c '^bg-worker'"),
+        )
+        .unwrap();
+    assert!(out(&o).ends_with("0\n"), "{}", out(&o));
+    assert!(out(&o).contains("No such file"));
+}
+
+#[test]
+fn an_exec_keeps_its_own_deadline_and_the_sandbox_survives_it() {
+    let Some(jail) = jail() else { return };
+    let sandbox = jail.create_sandbox(&Spec::default()).unwrap();
+    let mut spec = sh("sleep 30");
+    spec.limits = Limits {
+        timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let o = jail.exec(&sandbox, &spec).unwrap();
+    assert_eq!(o.status, Status::Timeout);
+    assert!(o.duration < Duration::from_secs(5));
+    let o = jail.exec(&sandbox, &sh("echo still here")).unwrap();
+    assert_eq!(out(&o), "still here\n");
+    let o = jail.exec(&sandbox, &sh("exit 4")).unwrap();
+    assert_eq!(o.status, Status::Exited(4));
+}
+
+#[test]
+fn killing_the_sandbox_ends_everything_in_it() {
+    let Some(jail) = jail() else { return };
+    let marker = format!("sandbox-kill-marker-{}", std::process::id());
+    let mut sandbox = jail.create_sandbox(&Spec::default()).unwrap();
+    jail.exec(
+        &sandbox,
+        &sh(&format!(
+            "setsid bash -c 'exec -a {marker} sleep 300' > /dev/null 2>&1 &"
+        )),
+    )
+    .unwrap();
+    let alive = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|c| String::from_utf8_lossy(c).contains(&marker))
+            .count()
+    };
+    assert_eq!(
+        alive(),
+        1,
+        "the background process runs while the sandbox does"
+    );
+    assert!(sandbox.is_alive());
+    sandbox.kill();
+    assert_eq!(alive(), 0, "a process outlived its sandbox");
+}
+
+#[test]
+fn a_frozen_sandbox_uses_no_cpu() {
+    let Some(jail) = jail() else { return };
+    let sandbox = jail.create_sandbox(&Spec::default()).unwrap();
+    jail.exec(&sandbox, &sh("(while :; do :; done) > /dev/null 2>&1 &"))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    sandbox.set_frozen(true).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let before = sandbox.cpu_time();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = sandbox.cpu_time();
+    assert!(
+        after - before < Duration::from_millis(20),
+        "{before:?} -> {after:?}"
+    );
+    sandbox.set_frozen(false).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(sandbox.cpu_time() > after + Duration::from_millis(100));
+}
