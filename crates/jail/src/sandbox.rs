@@ -103,25 +103,7 @@ impl Jail {
         if netns.is_none() {
             flags |= libc::CLONE_NEWNET;
         }
-        // SAFETY: a fork-like clone; the child runs only `child::init`, which
-        // neither allocates nor returns.
-        let pid = unsafe {
-            libc::syscall(
-                libc::SYS_clone,
-                (flags | libc::SIGCHLD) as libc::c_ulong,
-                0,
-                0,
-                0,
-                0,
-            )
-        };
-        if pid < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if pid == 0 {
-            // SAFETY: we are the clone's child with the namespaces above.
-            unsafe { child::init(&plan) };
-        }
+        let pid = spawner::clone_init(&plan, flags)?;
         drop((stdin, stdout, stderr, result, report.1, go.0));
         let init = Child {
             pid: pid as libc::pid_t,
@@ -409,4 +391,84 @@ fn read_report(fd: &OwnedFd, timeout: Duration) -> io::Result<Option<Report>> {
         }
     }
     Ok(Some(Report::from_bytes(&buf)))
+}
+
+/// The thread that clones sandbox inits.
+///
+/// A child's parent-death signal fires when the *thread* that created it exits,
+/// and the server's blocking threads come and go. A sandbox outlives the request
+/// that created it, so its init is cloned by one thread that lives as long as the
+/// process: the init then dies with the server, never with a pool thread.
+mod spawner {
+    use std::io;
+    use std::sync::mpsc::{Sender, channel};
+    use std::sync::{Mutex, OnceLock};
+
+    use crate::child::{self, Plan};
+
+    /// A plan's address, handed to the spawner thread while its owner waits.
+    struct Job {
+        plan: *const Plan,
+        flags: libc::c_int,
+        reply: Sender<io::Result<libc::pid_t>>,
+    }
+
+    // SAFETY: the plan is only read, and its owner blocks until the reply comes.
+    unsafe impl Send for Job {}
+
+    static JOBS: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
+
+    fn jobs() -> &'static Mutex<Sender<Job>> {
+        JOBS.get_or_init(|| {
+            let (tx, rx) = channel::<Job>();
+            std::thread::Builder::new()
+                .name("sandgate-spawner".into())
+                .spawn(move || {
+                    for job in rx {
+                        // SAFETY: a fork-like clone; the child runs only
+                        // `child::init` on the plan, which the owner keeps alive.
+                        let pid = unsafe {
+                            libc::syscall(
+                                libc::SYS_clone,
+                                (job.flags | libc::SIGCHLD) as libc::c_ulong,
+                                0,
+                                0,
+                                0,
+                                0,
+                            )
+                        };
+                        if pid == 0 {
+                            // SAFETY: the clone's child, with the plan's namespaces.
+                            unsafe { child::init(&*job.plan) };
+                        }
+                        let result = if pid < 0 {
+                            Err(io::Error::last_os_error())
+                        } else {
+                            Ok(pid as libc::pid_t)
+                        };
+                        let _ = job.reply.send(result);
+                    }
+                })
+                .expect("spawn the sandbox spawner thread");
+            Mutex::new(tx)
+        })
+    }
+
+    /// Clones a sandbox init from the long-lived spawner thread.
+    pub(super) fn clone_init(plan: &Plan, flags: libc::c_int) -> io::Result<libc::pid_t> {
+        let (reply, answer) = channel();
+        let job = Job {
+            plan: std::ptr::from_ref(plan),
+            flags,
+            reply,
+        };
+        jobs()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job)
+            .map_err(|_| io::Error::other("the sandbox spawner thread is gone"))?;
+        answer
+            .recv()
+            .map_err(|_| io::Error::other("the sandbox spawner thread is gone"))?
+    }
 }

@@ -127,3 +127,16 @@ fn a_frozen_sandbox_uses_no_cpu() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(sandbox.cpu_time() > after + Duration::from_millis(100));
 }
+
+#[test]
+fn a_sandbox_outlives_the_thread_that_created_it() {
+    let Some(jail) = jail() else { return };
+    let jail = std::sync::Arc::new(jail);
+    let maker = std::sync::Arc::clone(&jail);
+    let sandbox = std::thread::spawn(move || maker.create_sandbox(&Spec::default()).unwrap())
+        .join()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let o = jail.exec(&sandbox, &sh("echo alive")).unwrap();
+    assert_eq!(out(&o), "alive\n");
+}
