@@ -9,6 +9,7 @@ pub mod limits;
 pub mod model;
 pub mod net;
 pub mod principal;
+pub mod sandboxes;
 pub mod scopes;
 pub mod store;
 pub mod usage;

@@ -321,6 +321,15 @@ impl Sandbox {
         }
     }
 
+    /// Kills everything inside, now, without waiting for execs in progress (they
+    /// end as their programs die). [`Sandbox::kill`] or dropping cleans up after.
+    pub fn terminate(&self) {
+        if let Some(group) = &self.group {
+            let _ = group.set_frozen(false);
+        }
+        self.init.kill();
+    }
+
     /// Kills everything inside and removes the sandbox's cgroups.
     pub fn kill(mut self) {
         self.shutdown();

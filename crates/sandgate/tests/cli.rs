@@ -667,3 +667,63 @@ fn the_quota_survives_kill_9_during_a_burst_of_runs() {
     distinct.dedup();
     assert_eq!(distinct.len(), lefts.len(), "a count was handed out twice");
 }
+
+/// A server killed with -9 leaves no sandbox process behind, and the next one
+/// knows nothing of the old sandboxes (they are 404, marked killed in the store).
+#[test]
+fn sandboxes_die_with_a_crashed_server() {
+    if let Err(e) = sandgate_jail::Jail::new(sandgate_jail::Config::default()) {
+        eprintln!("skipped: programs cannot be jailed here: {e}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let admin_key = server.admin_key();
+    let admin = Client::new(&server.url, Some(admin_key.clone()));
+    let marker = format!("crash-marker-{}", std::process::id());
+    let sbx = admin
+        .call(
+            sandgate_client::Method::POST,
+            "/v1/sandboxes",
+            Some(&json!({})),
+        )
+        .unwrap();
+    let id = sbx["id"].as_str().unwrap().to_owned();
+    let command = format!("bash -c '(exec -a {marker} sleep 300) > /dev/null 2>&1 &'");
+    admin
+        .call(
+            sandgate_client::Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(&json!({ "command": command })),
+        )
+        .unwrap();
+    let leftovers = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|c| String::from_utf8_lossy(c).contains(&marker))
+            .count()
+    };
+    assert_eq!(leftovers(), 1);
+    server.kill9();
+    let started = Instant::now();
+    while leftovers() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a sandbox process survived the server"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let server = Server::start(&data);
+    let admin = Client::new(&server.url, Some(admin_key));
+    let err = admin
+        .call(
+            sandgate_client::Method::GET,
+            &format!("/v1/sandboxes/{id}"),
+            None,
+        )
+        .unwrap_err();
+    assert_eq!(err.code(), Some("NOT_FOUND"));
+}

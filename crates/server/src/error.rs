@@ -11,6 +11,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sandgate_core::keys::KeyError;
 use sandgate_core::keys::api::InvalidField;
+use sandgate_core::sandboxes::SandboxError;
 use sandgate_core::scopes::Scope;
 use sandgate_core::store::StoreError;
 use serde_json::{Map, Value, json};
@@ -119,6 +120,17 @@ impl ApiError {
         e
     }
 
+    /// The tenant's cap on running sandboxes is reached.
+    pub fn too_many_sandboxes(max: usize) -> ApiError {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "RATE_LIMITED",
+            format!("The tenant already runs {max} sandboxes, the most it may; kill one first"),
+        );
+        e.retry_after = Some(5);
+        e
+    }
+
     pub fn quota_exceeded() -> ApiError {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -160,6 +172,19 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+impl From<SandboxError> for ApiError {
+    fn from(e: SandboxError) -> Self {
+        match e {
+            SandboxError::NotFound => ApiError::not_found("sandbox"),
+            SandboxError::Conflict(m) => ApiError::conflict(m),
+            SandboxError::Invalid(f) => f.into(),
+            SandboxError::TooMany(max) => ApiError::too_many_sandboxes(max),
+            SandboxError::Store(e) => e.into(),
+            other => ApiError::internal(other),
+        }
     }
 }
 

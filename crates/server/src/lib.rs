@@ -117,6 +117,10 @@ async fn serve_until_flushed(
 
 /// Writes what is held in memory: request counts, last-use times, audit rows.
 pub async fn flush(state: &AppState) {
+    // Sandboxes do not survive the server: kill them, and bill their time.
+    for (owner, seconds) in state.sandboxes().kill_all().await {
+        state.usage().sandbox_seconds(&owner, seconds);
+    }
     if let Err(e) = state.keys().flush_usage().await {
         tracing::error!(error = %e, "could not write key usage");
     }
@@ -133,7 +137,8 @@ async fn maintain(state: AppState) {
     let mut sync = tokio::time::interval(config.key_sync_interval);
     let mut usage = tokio::time::interval(config.usage_flush_interval);
     let mut expiry = tokio::time::interval(config.expiry_sweep_interval);
-    for tick in [&mut sync, &mut usage, &mut expiry] {
+    let mut reap = tokio::time::interval(config.sandbox_reap_interval);
+    for tick in [&mut sync, &mut usage, &mut expiry, &mut reap] {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     loop {
@@ -149,6 +154,11 @@ async fn maintain(state: AppState) {
                 }
                 if let Err(e) = state.usage().flush(state.usage_store()).await {
                     tracing::warn!(error = %e, "usage flush failed");
+                }
+            }
+            _ = reap.tick() => {
+                for (owner, seconds) in state.sandboxes().reap_expired().await {
+                    state.usage().sandbox_seconds(&owner, seconds);
                 }
             }
             _ = expiry.tick() => {

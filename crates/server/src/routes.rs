@@ -14,7 +14,7 @@ use axum::routing::{MethodFilter, on};
 use sandgate_core::scopes::Scope;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
-use crate::handlers::{audit, execute, keys, meta, usage};
+use crate::handlers::{audit, execute, keys, meta, sandboxes, usage};
 use crate::state::AppState;
 
 /// What a route demands of its caller.
@@ -262,6 +262,95 @@ pub fn table() -> RouteTable {
                 .summary("Languages and their runtime versions")
                 .returns::<execute::LanguageList>(200),
             execute::languages,
+        )
+        // ---- sandboxes ----
+        .add(
+            post(
+                "/v1/sandboxes",
+                Needs(Scope::SandboxCreate),
+                "createSandbox",
+            )
+            .summary("Start a sandbox; it runs until killed or expired")
+            .body::<sandgate_core::sandboxes::CreateSandboxRequest>()
+            .returns::<sandgate_core::sandboxes::SandboxView>(201),
+            sandboxes::create,
+        )
+        .add(
+            get("/v1/sandboxes", Needs(Scope::SandboxRead), "listSandboxes")
+                .summary("The caller's live sandboxes, oldest first")
+                .query(&[
+                    ("state", "running or paused"),
+                    (
+                        "metadata.<k>",
+                        "only sandboxes whose metadata has k = this value",
+                    ),
+                    ("limit", "per page, 1-1000 (default 100)"),
+                    ("cursor", "nextCursor of the previous page"),
+                ])
+                .returns::<sandboxes::SandboxList>(200),
+            sandboxes::list,
+        )
+        .add(
+            get(
+                "/v1/sandboxes/{id}",
+                Needs(Scope::SandboxRead),
+                "getSandbox",
+            )
+            .summary("One sandbox")
+            .returns::<sandgate_core::sandboxes::SandboxView>(200),
+            sandboxes::get,
+        )
+        .add(
+            delete(
+                "/v1/sandboxes/{id}",
+                Needs(Scope::SandboxDelete),
+                "killSandbox",
+            )
+            .summary("Kill a sandbox and everything in it")
+            .no_content(),
+            sandboxes::kill,
+        )
+        .add(
+            post(
+                "/v1/sandboxes/{id}/pause",
+                Needs(Scope::SandboxPause),
+                "pauseSandbox",
+            )
+            .summary("Freeze every process (its expiry clock keeps running)")
+            .returns::<sandgate_core::sandboxes::SandboxView>(200),
+            sandboxes::pause,
+        )
+        .add(
+            post(
+                "/v1/sandboxes/{id}/resume",
+                Needs(Scope::SandboxPause),
+                "resumeSandbox",
+            )
+            .summary("Thaw a paused sandbox")
+            .returns::<sandgate_core::sandboxes::SandboxView>(200),
+            sandboxes::resume,
+        )
+        .add(
+            post(
+                "/v1/sandboxes/{id}/timeout",
+                Needs(Scope::SandboxCreate),
+                "setSandboxTimeout",
+            )
+            .summary("Kill the sandbox timeoutSec seconds from now")
+            .body::<sandgate_core::sandboxes::TimeoutRequest>()
+            .returns::<sandgate_core::sandboxes::SandboxView>(200),
+            sandboxes::set_timeout,
+        )
+        .add(
+            post(
+                "/v1/sandboxes/{id}/exec",
+                Needs(Scope::SandboxExecute),
+                "execInSandbox",
+            )
+            .summary("Run a command, or code, inside a sandbox")
+            .body::<sandgate_core::sandboxes::ExecRequest>()
+            .returns::<sandgate_core::execute::ExecuteResponse>(200),
+            sandboxes::exec,
         )
         // ---- usage ----
         .add(

@@ -12,6 +12,7 @@ use sandgate_core::keys::format::SecretKey;
 use sandgate_core::limits::{LocalRateLimiter, RateLimiter};
 use sandgate_core::model::RateLimit;
 use sandgate_core::net::IpNet;
+use sandgate_core::sandboxes::{SandboxLimits, SandboxManager, SandboxStore};
 use sandgate_core::store::{AuditStore, KeyStore, SqliteStore, StoreError, UsageStore};
 use sandgate_core::usage::UsageRecorder;
 
@@ -46,6 +47,10 @@ pub struct ServerConfig {
     pub exec_limits: ExecLimits,
     /// How programs are jailed on this machine.
     pub jail: JailConfig,
+    /// Bounds on long-lived sandboxes.
+    pub sandbox_limits: SandboxLimits,
+    /// How often expired sandboxes are looked for.
+    pub sandbox_reap_interval: Duration,
 }
 
 impl ServerConfig {
@@ -67,6 +72,8 @@ impl ServerConfig {
             env_api_keys: Vec::new(),
             exec_limits: ExecLimits::default(),
             jail: JailConfig::default(),
+            sandbox_limits: SandboxLimits::default(),
+            sandbox_reap_interval: Duration::from_secs(1),
         }
     }
 }
@@ -95,6 +102,7 @@ struct Inner {
     usage_store: Arc<dyn UsageStore>,
     env_keys: EnvKeys,
     executor: Executor,
+    sandboxes: SandboxManager,
 }
 
 impl AppState {
@@ -104,17 +112,24 @@ impl AppState {
         let store = SqliteStore::open(&config.data_dir)?;
         let key_store: Arc<dyn KeyStore> = Arc::new(store.clone());
         let audit_store: Arc<dyn AuditStore> = Arc::new(store.clone());
-        let usage_store: Arc<dyn UsageStore> = Arc::new(store);
+        let usage_store: Arc<dyn UsageStore> = Arc::new(store.clone());
+        let sandbox_store = store;
         let keys = KeyService::load(key_store).await?;
         let audit = AuditLog::start(Arc::clone(&audit_store));
         let env_keys = EnvKeys::new(config.env_admin_key.as_ref(), &config.env_api_keys);
-        let jail = sandgate_jail::Jail::new(config.jail.clone());
+        let jail = sandgate_jail::Jail::new(config.jail.clone())
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
         if let Err(e) = &jail {
-            tracing::warn!(error = %e, "programs cannot be jailed here: /v1/execute will fail");
+            tracing::warn!(error = %e, "programs cannot be jailed here: runs and sandboxes will fail");
         }
-        let executor = Executor::new(config.exec_limits.clone(), jail);
+        let executor = Executor::new(config.exec_limits.clone(), jail.clone());
+        let sandbox_store: Arc<dyn SandboxStore> = Arc::new(sandbox_store);
+        let sandboxes =
+            SandboxManager::start(jail, config.sandbox_limits.clone(), sandbox_store).await?;
         Ok(AppState(Arc::new(Inner {
             executor,
+            sandboxes,
             env_keys,
             config,
             keys,
@@ -171,6 +186,10 @@ impl AppState {
 
     pub fn executor(&self) -> &Executor {
         &self.0.executor
+    }
+
+    pub fn sandboxes(&self) -> &SandboxManager {
+        &self.0.sandboxes
     }
 
     pub fn usage(&self) -> &UsageRecorder {

@@ -216,7 +216,7 @@ impl ExecLimits {
     }
 }
 
-fn validate_env(
+pub fn validate_env(
     env: BTreeMap<String, String>,
     max: usize,
 ) -> Result<Vec<(String, String)>, InvalidField> {
@@ -281,13 +281,21 @@ const BASE_ENV: &[(&str, &str)] = &[
     ("USER", "sandbox"),
 ];
 
+/// [`BASE_ENV`] as owned pairs.
+pub fn base_env() -> Vec<(String, String)> {
+    BASE_ENV
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
 impl Executor {
-    pub fn new(limits: ExecLimits, jail: io::Result<Jail>) -> Executor {
+    pub fn new(limits: ExecLimits, jail: Result<Arc<Jail>, String>) -> Executor {
         let slots = Arc::new(Semaphore::new(limits.max_concurrent.max(1)));
         Executor {
             limits,
             slots,
-            jail: jail.map(Arc::new).map_err(|e| e.to_string()),
+            jail,
         }
     }
 
@@ -325,7 +333,7 @@ impl Executor {
         })
         .await
         .map_err(|e| ExecError::Jail(io::Error::other(e.to_string())))??;
-        Ok(response(outcome))
+        Ok(response_of(outcome))
     }
 
     fn spec(&self, run: Run) -> Spec {
@@ -374,7 +382,8 @@ impl Executor {
     }
 }
 
-fn response(o: sandgate_jail::Outcome) -> ExecuteResponse {
+/// The API's answer for a jail outcome.
+pub fn response_of(o: sandgate_jail::Outcome) -> ExecuteResponse {
     let status = match o.status {
         Status::Exited(0) => RunStatus::Ok,
         Status::Exited(_) | Status::Signaled(_) => RunStatus::Error,

@@ -87,6 +87,19 @@ CREATE TABLE usage_daily (
 );
 CREATE INDEX usage_daily_tenant ON usage_daily (tenant, env, day);
 "#,
+    r#"
+CREATE TABLE sandboxes (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    env TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    view TEXT NOT NULL
+);
+CREATE INDEX sandboxes_state ON sandboxes (state);
+"#,
 ];
 
 const KEY_COLUMNS: &str = "id, name, description, env, tenant, scopes, prefix, hash, created_at, \
@@ -776,6 +789,51 @@ impl UsageStore for SqliteStore {
                     })
                 })
                 .collect()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl crate::sandboxes::SandboxStore for SqliteStore {
+    async fn save_sandbox(
+        &self,
+        record: &crate::sandboxes::SandboxRecord,
+    ) -> Result<(), StoreError> {
+        let view =
+            serde_json::to_string(&record.view).map_err(|e| StoreError::Database(e.to_string()))?;
+        let r = record.clone();
+        self.write(move |tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO sandboxes (id, tenant, env, key_id, state, created_at, \
+                 expires_at, view) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    r.view.id,
+                    r.tenant,
+                    r.env.as_str(),
+                    r.key_id,
+                    r.view.state.as_str(),
+                    r.view.created_at.millis(),
+                    r.view.expires_at.millis(),
+                    view,
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn mark_all_killed(&self, _at: Timestamp) -> Result<u64, StoreError> {
+        self.write(|tx| {
+            let n = tx
+                .execute(
+                    "UPDATE sandboxes SET state = 'killed', \
+                     view = json_set(view, '$.state', 'killed') WHERE state != 'killed'",
+                    [],
+                )
+                .map_err(db)?;
+            Ok(n as u64)
         })
         .await
     }

@@ -4,4 +4,5 @@ pub mod audit;
 pub mod execute;
 pub mod keys;
 pub mod meta;
+pub mod sandboxes;
 pub mod usage;

@@ -10,5 +10,6 @@ mod keys;
 mod limits;
 mod openapi;
 mod policy;
+mod sandboxes;
 mod sources;
 mod usage;

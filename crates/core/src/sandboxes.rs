@@ -1,0 +1,700 @@
+//! Long-lived sandboxes (SPEC §4): lifecycle, exec, pause/resume, expiry.
+//!
+//! The manager keeps every live sandbox in memory (a jail whose init stays up)
+//! and writes each one's record to the store, so a restarted server can mark what
+//! its predecessor left as killed (the jail sweeps the processes and cgroups).
+//! A sandbox belongs to the tenant and env of the key that created it; any other
+//! caller gets "not found", whatever its scopes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sandgate_jail::{Jail, Limits, Spec};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::execute::{ExecuteResponse, languages, response_of};
+use crate::keys::api::{InvalidField, invalid};
+use crate::keys::format::random_id;
+use crate::model::{Env, Timestamp};
+use crate::principal::Principal;
+use crate::store::StoreError;
+
+/// Server-wide bounds on sandboxes.
+#[derive(Debug, Clone)]
+pub struct SandboxLimits {
+    /// Running (or paused) sandboxes one tenant may have at once.
+    pub max_per_tenant: usize,
+    pub default_timeout_sec: u64,
+    pub max_timeout_sec: u64,
+    pub default_memory_mb: u64,
+    pub max_memory_mb: u64,
+    pub default_cpus: f64,
+    pub max_cpus: f64,
+    /// Processes and threads one sandbox may have at once.
+    pub pids: u32,
+    /// Size of each of a sandbox's writable tmpfs mounts.
+    pub tmpfs_bytes: u64,
+    pub default_exec_timeout_ms: u64,
+    pub max_exec_timeout_ms: u64,
+    /// Per stream, per exec.
+    pub output_cap_bytes: usize,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        SandboxLimits {
+            max_per_tenant: 20,
+            default_timeout_sec: 300,
+            max_timeout_sec: 24 * 3600,
+            default_memory_mb: 512,
+            max_memory_mb: 4096,
+            default_cpus: 1.0,
+            max_cpus: 2.0,
+            pids: 256,
+            tmpfs_bytes: 512 << 20,
+            default_exec_timeout_ms: 60_000,
+            max_exec_timeout_ms: 3_600_000,
+            output_cap_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Running,
+    Paused,
+    Killed,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Killed => "killed",
+        }
+    }
+}
+
+/// The sandbox object of SPEC §4.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxView {
+    pub id: String,
+    pub template: String,
+    pub state: SandboxState,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub metadata: BTreeMap<String, String>,
+    pub memory_mb: u64,
+    pub cpus: f64,
+    pub network: String,
+}
+
+/// What the store keeps of a sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxRecord {
+    pub view: SandboxView,
+    pub tenant: String,
+    pub env: Env,
+    /// The key that created it (usage is counted against it).
+    pub key_id: String,
+}
+
+/// `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateSandboxRequest {
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub timeout_sec: Option<u64>,
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Environment of every exec (an exec's own `env` adds to it).
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Only `none` (loopback only) for now.
+    #[serde(default)]
+    pub network: Option<String>,
+}
+
+/// `POST /v1/sandboxes/{id}/exec`: a `command` (run by `/bin/sh -c`) or a
+/// `language` with `code`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecRequest {
+    #[serde(default)]
+    pub command: Option<String>,
+    #[serde(default)]
+    pub language: Option<String>,
+    #[serde(default)]
+    pub code: Option<String>,
+    /// Default `/workspace`.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub stdin: Option<String>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// `POST /v1/sandboxes/{id}/timeout`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TimeoutRequest {
+    pub timeout_sec: u64,
+}
+
+/// `GET /v1/sandboxes` filters.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub state: Option<SandboxState>,
+    pub metadata: Vec<(String, String)>,
+    pub limit: usize,
+    /// The id after which the page starts (ids sort by creation).
+    pub after: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox not found")]
+    NotFound,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("invalid {}: {}", .0.field, .0.message)]
+    Invalid(InvalidField),
+    #[error("the tenant already has {0} sandboxes, the most it may have")]
+    TooMany(usize),
+    #[error("sandboxes are unavailable on this server: {0}")]
+    Unavailable(String),
+    #[error("the jail failed: {0}")]
+    Jail(#[from] io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<InvalidField> for SandboxError {
+    fn from(f: InvalidField) -> Self {
+        SandboxError::Invalid(f)
+    }
+}
+
+#[async_trait]
+pub trait SandboxStore: Send + Sync + 'static {
+    /// Inserts or replaces a sandbox's record.
+    async fn save_sandbox(&self, record: &SandboxRecord) -> Result<(), StoreError>;
+    /// Marks every sandbox not already killed as killed (at start-up: whatever a
+    /// previous server ran is gone). Returns how many were.
+    async fn mark_all_killed(&self, at: Timestamp) -> Result<u64, StoreError>;
+}
+
+struct Live {
+    record: Mutex<SandboxRecord>,
+    env: Vec<(String, String)>,
+    /// `None` once killed. Execs hold a read lock for their whole run.
+    jail: RwLock<Option<sandgate_jail::Sandbox>>,
+    /// Who to bill sandbox-seconds to.
+    owner: Arc<Principal>,
+}
+
+/// Live sandboxes, their limits, and the store that remembers them.
+pub struct SandboxManager {
+    jail: Result<Arc<Jail>, String>,
+    limits: SandboxLimits,
+    store: Arc<dyn SandboxStore>,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+}
+
+impl std::fmt::Debug for SandboxManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxManager")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Killed sandboxes, with the seconds each ran and the key to bill.
+pub type Reaped = Vec<(Arc<Principal>, u64)>;
+
+impl SandboxManager {
+    /// Marks what a previous server left as killed.
+    pub async fn start(
+        jail: Result<Arc<Jail>, String>,
+        limits: SandboxLimits,
+        store: Arc<dyn SandboxStore>,
+    ) -> Result<SandboxManager, StoreError> {
+        let stale = store.mark_all_killed(Timestamp::now()).await?;
+        if stale > 0 {
+            tracing::info!(
+                sandboxes = stale,
+                "marked sandboxes of a previous run as killed"
+            );
+        }
+        Ok(SandboxManager {
+            jail,
+            limits,
+            store,
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn limits(&self) -> &SandboxLimits {
+        &self.limits
+    }
+
+    fn jail(&self) -> Result<Arc<Jail>, SandboxError> {
+        self.jail
+            .as_ref()
+            .map(Arc::clone)
+            .map_err(|e| SandboxError::Unavailable(e.clone()))
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Live>>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The live sandbox `id`, if `caller` owns it.
+    fn find(&self, caller: &Principal, id: &str) -> Result<Arc<Live>, SandboxError> {
+        let live = self.live().get(id).cloned().ok_or(SandboxError::NotFound)?;
+        let owned = {
+            let r = live.record.lock().unwrap_or_else(|p| p.into_inner());
+            r.tenant == caller.tenant && r.env == caller.env
+        };
+        if owned {
+            Ok(live)
+        } else {
+            Err(SandboxError::NotFound)
+        }
+    }
+
+    pub async fn create(
+        &self,
+        caller: &Arc<Principal>,
+        req: CreateSandboxRequest,
+    ) -> Result<SandboxView, SandboxError> {
+        let l = &self.limits;
+        let template = req.template.unwrap_or_else(|| "default".to_owned());
+        if template != "default" {
+            return Err(invalid("template", format!("unknown template `{template}`")).into());
+        }
+        let network = req.network.unwrap_or_else(|| "none".to_owned());
+        if network != "none" {
+            return Err(invalid("network", "only `none` (loopback only) is supported").into());
+        }
+        let timeout_sec = req.timeout_sec.unwrap_or(l.default_timeout_sec);
+        if timeout_sec == 0 || timeout_sec > l.max_timeout_sec {
+            return Err(invalid(
+                "timeoutSec",
+                format!("timeoutSec must be between 1 and {}", l.max_timeout_sec),
+            )
+            .into());
+        }
+        let memory_mb = req.memory_mb.unwrap_or(l.default_memory_mb);
+        if !(32..=l.max_memory_mb).contains(&memory_mb) {
+            return Err(invalid(
+                "memoryMb",
+                format!("memoryMb must be between 32 and {}", l.max_memory_mb),
+            )
+            .into());
+        }
+        let cpus = req.cpus.unwrap_or(l.default_cpus);
+        if !(cpus >= 0.1 && cpus <= l.max_cpus) {
+            return Err(invalid(
+                "cpus",
+                format!("cpus must be between 0.1 and {}", l.max_cpus),
+            )
+            .into());
+        }
+        let metadata = req.metadata.unwrap_or_default();
+        if metadata.len() > 64
+            || metadata
+                .iter()
+                .any(|(k, v)| k.len() > 128 || v.len() > 1024)
+        {
+            return Err(invalid("metadata", "at most 64 entries, short keys and values").into());
+        }
+        let env = crate::execute::validate_env(req.env.unwrap_or_default(), 128)?;
+
+        let jail = self.jail()?;
+        let id = random_id("sbx_", 20);
+        let now = Timestamp::now();
+        let record = SandboxRecord {
+            view: SandboxView {
+                id: id.clone(),
+                template,
+                state: SandboxState::Running,
+                created_at: now,
+                expires_at: Timestamp::from_millis(now.millis() + timeout_sec as i64 * 1000),
+                metadata,
+                memory_mb,
+                cpus,
+                network,
+            },
+            tenant: caller.tenant.clone(),
+            env: caller.env,
+            key_id: caller.key_id.clone(),
+        };
+        // Claim a place under the tenant's cap before the (slow) jail is built.
+        let placeholder = Arc::new(Live {
+            record: Mutex::new(record.clone()),
+            env,
+            jail: RwLock::new(None),
+            owner: Arc::clone(caller),
+        });
+        {
+            let mut live = self.live();
+            let mine = live
+                .values()
+                .filter(|s| {
+                    let r = s.record.lock().unwrap_or_else(|p| p.into_inner());
+                    r.tenant == caller.tenant
+                })
+                .count();
+            if mine >= l.max_per_tenant {
+                return Err(SandboxError::TooMany(l.max_per_tenant));
+            }
+            live.insert(id.clone(), Arc::clone(&placeholder));
+        }
+        let spec = Spec {
+            limits: Limits {
+                memory_bytes: memory_mb << 20,
+                pids: l.pids,
+                cpu_millicores: (cpus * 1000.0).round() as u32,
+                tmpfs_bytes: l.tmpfs_bytes,
+                ..Limits::default()
+            },
+            ..Spec::default()
+        };
+        let built = tokio::task::spawn_blocking(move || jail.create_sandbox(&spec))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()));
+        let sandbox = match built.and_then(|r| r) {
+            Ok(s) => s,
+            Err(e) => {
+                self.live().remove(&id);
+                return Err(e.into());
+            }
+        };
+        *placeholder.jail.write().unwrap_or_else(|p| p.into_inner()) = Some(sandbox);
+        if let Err(e) = self.store.save_sandbox(&record).await {
+            self.kill_live(&id).await;
+            return Err(e.into());
+        }
+        Ok(record.view)
+    }
+
+    pub fn get(&self, caller: &Principal, id: &str) -> Result<SandboxView, SandboxError> {
+        let live = self.find(caller, id)?;
+        let view = live
+            .record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .view
+            .clone();
+        Ok(view)
+    }
+
+    /// The caller's live sandboxes, oldest first, one page.
+    pub fn list(
+        &self,
+        caller: &Principal,
+        filter: &ListFilter,
+    ) -> (Vec<SandboxView>, Option<String>) {
+        let mut views: Vec<SandboxView> = self
+            .live()
+            .values()
+            .filter_map(|s| {
+                let r = s.record.lock().unwrap_or_else(|p| p.into_inner());
+                (r.tenant == caller.tenant && r.env == caller.env).then(|| r.view.clone())
+            })
+            .filter(|v| filter.state.is_none_or(|s| s == v.state))
+            .filter(|v| {
+                filter
+                    .metadata
+                    .iter()
+                    .all(|(k, want)| v.metadata.get(k) == Some(want))
+            })
+            .collect();
+        views.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        // A cursor is `<createdAt millis>.<id>` of the last sandbox of a page, so a
+        // page boundary survives that sandbox being killed.
+        if let Some((millis, id)) = filter
+            .after
+            .as_deref()
+            .and_then(|c| c.split_once('.'))
+            .and_then(|(m, id)| Some((m.parse::<i64>().ok()?, id)))
+        {
+            views.retain(|v| (v.created_at.millis(), v.id.as_str()) > (millis, id));
+        }
+        let next = (views.len() > filter.limit).then(|| {
+            let last = &views[filter.limit - 1];
+            format!("{}.{}", last.created_at.millis(), last.id)
+        });
+        views.truncate(filter.limit);
+        (views, next)
+    }
+
+    pub async fn kill(&self, caller: &Principal, id: &str) -> Result<Reaped, SandboxError> {
+        self.find(caller, id)?;
+        Ok(self.kill_live(id).await)
+    }
+
+    /// Kills a live sandbox (any owner); what to bill.
+    async fn kill_live(&self, id: &str) -> Reaped {
+        let Some(live) = self.live().remove(id) else {
+            return Vec::new();
+        };
+        // Kill first (execs in progress end), then take the jail to clean up.
+        let owner = Arc::clone(&live.owner);
+        let cleanup = {
+            let live = Arc::clone(&live);
+            tokio::task::spawn_blocking(move || {
+                if let Some(s) = live.jail.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    s.terminate();
+                }
+                let taken = live.jail.write().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(s) = taken {
+                    s.kill();
+                }
+            })
+        };
+        let _ = cleanup.await;
+        let record = {
+            let mut r = live.record.lock().unwrap_or_else(|p| p.into_inner());
+            r.view.state = SandboxState::Killed;
+            r.clone()
+        };
+        if let Err(e) = self.store.save_sandbox(&record).await {
+            tracing::error!(sandbox = %id, error = %e, "could not record a killed sandbox");
+        }
+        let seconds = (Timestamp::now().millis() - record.view.created_at.millis()).max(0) / 1000;
+        vec![(owner, seconds as u64)]
+    }
+
+    /// Kills every sandbox whose time is up.
+    pub async fn reap_expired(&self) -> Reaped {
+        let now = Timestamp::now();
+        let due: Vec<String> = self
+            .live()
+            .iter()
+            .filter(|(_, s)| {
+                s.record
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .view
+                    .expires_at
+                    <= now
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut reaped = Vec::new();
+        for id in due {
+            tracing::info!(sandbox = %id, "sandbox expired");
+            reaped.extend(self.kill_live(&id).await);
+        }
+        reaped
+    }
+
+    /// Kills every sandbox (server shutdown).
+    pub async fn kill_all(&self) -> Reaped {
+        let ids: Vec<String> = self.live().keys().cloned().collect();
+        let mut reaped = Vec::new();
+        for id in ids {
+            reaped.extend(self.kill_live(&id).await);
+        }
+        reaped
+    }
+
+    /// `timeoutSec` from now. The clock runs while paused too.
+    pub async fn set_timeout(
+        &self,
+        caller: &Principal,
+        id: &str,
+        timeout_sec: u64,
+    ) -> Result<SandboxView, SandboxError> {
+        if timeout_sec == 0 || timeout_sec > self.limits.max_timeout_sec {
+            return Err(invalid(
+                "timeoutSec",
+                format!(
+                    "timeoutSec must be between 1 and {}",
+                    self.limits.max_timeout_sec
+                ),
+            )
+            .into());
+        }
+        let live = self.find(caller, id)?;
+        let record = {
+            let mut r = live.record.lock().unwrap_or_else(|p| p.into_inner());
+            r.view.expires_at =
+                Timestamp::from_millis(Timestamp::now().millis() + timeout_sec as i64 * 1000);
+            r.clone()
+        };
+        self.store.save_sandbox(&record).await?;
+        Ok(record.view)
+    }
+
+    pub async fn set_paused(
+        &self,
+        caller: &Principal,
+        id: &str,
+        paused: bool,
+    ) -> Result<SandboxView, SandboxError> {
+        let live = self.find(caller, id)?;
+        let (from, to) = if paused {
+            (SandboxState::Running, SandboxState::Paused)
+        } else {
+            (SandboxState::Paused, SandboxState::Running)
+        };
+        {
+            let mut r = live.record.lock().unwrap_or_else(|p| p.into_inner());
+            if r.view.state != from {
+                return Err(SandboxError::Conflict(format!(
+                    "the sandbox is {}",
+                    r.view.state.as_str()
+                )));
+            }
+            let jail = live.jail.read().unwrap_or_else(|p| p.into_inner());
+            jail.as_ref()
+                .ok_or(SandboxError::NotFound)?
+                .set_frozen(paused)?;
+            r.view.state = to;
+        }
+        let record = live
+            .record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.store.save_sandbox(&record).await?;
+        Ok(record.view)
+    }
+
+    /// Checks an exec request and the sandbox's state; the run itself is
+    /// [`SandboxManager::exec`], after the caller took an execution from its quota.
+    pub fn prepare_exec(
+        &self,
+        caller: &Principal,
+        id: &str,
+        req: ExecRequest,
+    ) -> Result<PreparedExec, SandboxError> {
+        let live = self.find(caller, id)?;
+        let l = &self.limits;
+        let argv = match (req.command, req.language, req.code) {
+            (Some(command), None, None) => {
+                if command.trim().is_empty() {
+                    return Err(invalid("command", "command must not be empty").into());
+                }
+                vec!["/bin/sh".to_owned(), "-c".to_owned(), command]
+            }
+            (None, Some(language), Some(code)) => {
+                let lang = languages::find(&language)
+                    .ok_or_else(|| invalid("language", format!("unknown language `{language}`")))?;
+                if code.trim().is_empty() {
+                    return Err(invalid("code", "code must not be empty").into());
+                }
+                let flag = if lang.name == "javascript" {
+                    "-e"
+                } else {
+                    "-c"
+                };
+                vec![lang.interpreter.to_owned(), flag.to_owned(), code]
+            }
+            (None, Some(_), None) => return Err(invalid("code", "code is required").into()),
+            _ => {
+                return Err(
+                    invalid("command", "give either `command`, or `language` and `code`").into(),
+                );
+            }
+        };
+        if argv[2].len() > 1 << 20 {
+            return Err(invalid("command", "over the limit of 1 MiB").into());
+        }
+        let cwd = req.cwd.unwrap_or_else(|| "/workspace".to_owned());
+        if !cwd.starts_with('/') || cwd.contains('\0') {
+            return Err(invalid("cwd", "cwd must be an absolute path").into());
+        }
+        let timeout_ms = req.timeout_ms.unwrap_or(l.default_exec_timeout_ms);
+        if timeout_ms == 0 || timeout_ms > l.max_exec_timeout_ms {
+            return Err(invalid(
+                "timeoutMs",
+                format!("timeoutMs must be between 1 and {}", l.max_exec_timeout_ms),
+            )
+            .into());
+        }
+        let extra = crate::execute::validate_env(req.env.unwrap_or_default(), 128)?;
+        let mut env = crate::execute::base_env();
+        for (k, v) in live.env.iter().chain(extra.iter()) {
+            env.retain(|(name, _)| name != k);
+            env.push((k.clone(), v.clone()));
+        }
+        let state = live
+            .record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .view
+            .state;
+        if state == SandboxState::Paused {
+            return Err(SandboxError::Conflict(
+                "the sandbox is paused; resume it first".into(),
+            ));
+        }
+        Ok(PreparedExec {
+            live,
+            spec: Spec {
+                argv,
+                env,
+                cwd,
+                stdin: req.stdin.unwrap_or_default().into_bytes(),
+                files: Vec::new(),
+                limits: Limits {
+                    timeout: Duration::from_millis(timeout_ms),
+                    output_bytes: l.output_cap_bytes,
+                    file_size_bytes: l.tmpfs_bytes,
+                    open_files: 1024,
+                    ..Limits::default()
+                },
+            },
+        })
+    }
+
+    pub async fn exec(&self, prepared: PreparedExec) -> Result<ExecuteResponse, SandboxError> {
+        let jail = self.jail()?;
+        let PreparedExec { live, spec } = prepared;
+        let outcome = tokio::task::spawn_blocking(move || {
+            let guard = live.jail.read().unwrap_or_else(|p| p.into_inner());
+            match guard.as_ref() {
+                Some(sandbox) => jail.exec(sandbox, &spec).map(Some),
+                None => Ok(None),
+            }
+        })
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))??;
+        let outcome = outcome.ok_or(SandboxError::NotFound)?;
+        Ok(response_of(outcome))
+    }
+}
+
+/// A checked exec, holding its sandbox.
+pub struct PreparedExec {
+    live: Arc<Live>,
+    spec: Spec,
+}
+
+impl std::fmt::Debug for PreparedExec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedExec")
+            .field("argv0", &self.spec.argv.first())
+            .finish()
+    }
+}

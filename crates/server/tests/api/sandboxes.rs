@@ -1,0 +1,322 @@
+//! Sandboxes through the API (SPEC §4): lifecycle, exec, pause/resume, expiry,
+//! ownership.
+
+use std::time::{Duration, Instant};
+
+use sandgate_client::{Client, Method};
+use serde_json::{Value, json};
+
+use crate::common::{PostJson, TestApp, assert_error, jail_available};
+
+fn create(client: &Client, body: Value) -> Value {
+    let r = client.post_json("/v1/sandboxes", &body);
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()
+}
+
+fn exec(client: &Client, id: &str, body: Value) -> Value {
+    let r = client.post_json(&format!("/v1/sandboxes/{id}/exec"), &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+fn get(client: &Client, path: &str) -> sandgate_client::RawResponse {
+    client.raw(Method::GET, path, &[], None).unwrap()
+}
+
+fn delete(client: &Client, path: &str) -> sandgate_client::RawResponse {
+    client.raw(Method::DELETE, path, &[], None).unwrap()
+}
+
+#[test]
+fn a_sandbox_keeps_files_and_processes_between_execs_until_killed() {
+    if !jail_available() {
+        return;
+    }
+    let app = TestApp::start();
+    let admin = app.admin();
+    let sbx = create(
+        &admin,
+        json!({"metadata": {"user": "ada"}, "timeoutSec": 120, "env": {"GREETING": "hi"}}),
+    );
+    let id = sbx["id"].as_str().unwrap();
+    assert!(id.starts_with("sbx_"));
+    assert_eq!(sbx["state"], "running");
+    assert_eq!(sbx["template"], "default");
+    assert_eq!(sbx["network"], "none");
+    assert_eq!(sbx["metadata"]["user"], "ada");
+    assert!(sbx["expiresAt"].is_string() && sbx["memoryMb"].is_u64());
+
+    let r = exec(
+        &admin,
+        id,
+        json!({"command": "echo $GREETING > note; pwd; (sleep 300 &) ; echo ok"}),
+    );
+    assert_eq!(r["stdout"], "/workspace\nok\n");
+    assert_eq!(r["status"], "ok");
+    let r = exec(
+        &admin,
+        id,
+        json!({"command": "cat /workspace/note; ps -e | grep -c sleep"}),
+    );
+    assert_eq!(r["stdout"], "hi\n1\n", "{r}");
+    let r = exec(
+        &admin,
+        id,
+        json!({"language": "python", "code": "import os; print(os.getcwd(), open('note').read().strip())"}),
+    );
+    assert_eq!(r["stdout"], "/workspace hi\n");
+    let r = exec(
+        &admin,
+        id,
+        json!({"command": "cat; exit 3", "stdin": "in", "cwd": "/tmp"}),
+    );
+    assert_eq!(r["stdout"], "in");
+    assert_eq!(r["exitCode"], 3);
+    assert_eq!(r["status"], "error");
+    let r = exec(&admin, id, json!({"command": "sleep 10", "timeoutMs": 200}));
+    assert_eq!(r["status"], "timeout");
+
+    assert_eq!(get(&admin, &format!("/v1/sandboxes/{id}")).json()["id"], id);
+    assert_eq!(delete(&admin, &format!("/v1/sandboxes/{id}")).status, 204);
+    assert_error(
+        &get(&admin, &format!("/v1/sandboxes/{id}")),
+        404,
+        "NOT_FOUND",
+    );
+    let r = admin.post_json(
+        &format!("/v1/sandboxes/{id}/exec"),
+        &json!({"command": "true"}),
+    );
+    assert_error(&r, 404, "NOT_FOUND");
+    assert_error(
+        &delete(&admin, &format!("/v1/sandboxes/{id}")),
+        404,
+        "NOT_FOUND",
+    );
+}
+
+#[test]
+fn lists_filter_by_state_and_metadata_and_page_with_a_cursor() {
+    if !jail_available() {
+        return;
+    }
+    let app = TestApp::start();
+    let admin = app.admin();
+    let a = create(&admin, json!({"metadata": {"team": "red"}}));
+    let b = create(&admin, json!({"metadata": {"team": "blue"}}));
+    let c = create(&admin, json!({"metadata": {"team": "red"}}));
+    let ids = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = get(&admin, "/v1/sandboxes").json();
+    assert_eq!(
+        ids(&all),
+        [&a["id"], &b["id"], &c["id"]].map(|v| v.as_str().unwrap().to_owned())
+    );
+    let red = get(&admin, "/v1/sandboxes?metadata.team=red").json();
+    assert_eq!(
+        ids(&red),
+        [&a["id"], &c["id"]].map(|v| v.as_str().unwrap().to_owned())
+    );
+    let b_id = b["id"].as_str().unwrap();
+    admin.post_json(&format!("/v1/sandboxes/{b_id}/pause"), &json!({}));
+    assert_eq!(
+        ids(&get(&admin, "/v1/sandboxes?state=paused").json()),
+        [b_id]
+    );
+    let page1 = get(&admin, "/v1/sandboxes?limit=2").json();
+    assert_eq!(ids(&page1).len(), 2);
+    let cursor = page1["nextCursor"].as_str().unwrap();
+    let page2 = get(&admin, &format!("/v1/sandboxes?limit=2&cursor={cursor}")).json();
+    assert_eq!(ids(&page2), [c["id"].as_str().unwrap()]);
+    assert!(page2["nextCursor"].is_null());
+    assert_error(
+        &get(&admin, "/v1/sandboxes?state=zombie"),
+        400,
+        "INVALID_REQUEST",
+    );
+}
+
+#[test]
+fn another_tenant_or_env_gets_not_found_everywhere() {
+    if !jail_available() {
+        return;
+    }
+    let app = TestApp::start();
+    let sbx = create(&app.admin(), json!({}));
+    let id = sbx["id"].as_str().unwrap();
+    let (other_tenant, _) =
+        app.create_key(json!({"name": "b", "tenant": "beta", "profile": "admin"}));
+    let (other_env, _) = app.create_key(json!({"name": "t", "env": "test", "profile": "admin"}));
+    for key in [other_tenant, other_env] {
+        let c = app.client(&key);
+        assert_error(&get(&c, &format!("/v1/sandboxes/{id}")), 404, "NOT_FOUND");
+        assert_error(
+            &delete(&c, &format!("/v1/sandboxes/{id}")),
+            404,
+            "NOT_FOUND",
+        );
+        for (path, body) in [
+            ("exec", json!({"command": "id"})),
+            ("pause", json!({})),
+            ("resume", json!({})),
+            ("timeout", json!({"timeoutSec": 5})),
+        ] {
+            let r = c.post_json(&format!("/v1/sandboxes/{id}/{path}"), &body);
+            assert_error(&r, 404, "NOT_FOUND");
+        }
+        assert!(
+            get(&c, "/v1/sandboxes").json()["data"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+    }
+    // Still there for its owner.
+    assert_eq!(
+        get(&app.admin(), &format!("/v1/sandboxes/{id}")).status,
+        200
+    );
+}
+
+#[test]
+fn a_paused_sandbox_refuses_exec_and_pausing_twice_conflicts() {
+    if !jail_available() {
+        return;
+    }
+    let app = TestApp::start();
+    let admin = app.admin();
+    let id = create(&admin, json!({}))["id"].as_str().unwrap().to_owned();
+    let r = admin.post_json(&format!("/v1/sandboxes/{id}/pause"), &json!({}));
+    assert_eq!(r.json()["state"], "paused");
+    assert_error(
+        &admin.post_json(&format!("/v1/sandboxes/{id}/pause"), &json!({})),
+        409,
+        "CONFLICT",
+    );
+    assert_error(
+        &admin.post_json(
+            &format!("/v1/sandboxes/{id}/exec"),
+            &json!({"command": "true"}),
+        ),
+        409,
+        "CONFLICT",
+    );
+    let r = admin.post_json(&format!("/v1/sandboxes/{id}/resume"), &json!({}));
+    assert_eq!(r.json()["state"], "running");
+    assert_error(
+        &admin.post_json(&format!("/v1/sandboxes/{id}/resume"), &json!({})),
+        409,
+        "CONFLICT",
+    );
+    assert_eq!(
+        exec(&admin, &id, json!({"command": "echo back"}))["stdout"],
+        "back\n"
+    );
+}
+
+#[test]
+fn an_expired_sandbox_is_killed_without_any_request() {
+    if !jail_available() {
+        return;
+    }
+    let app = TestApp::start_with(|c| c.sandbox_reap_interval = Duration::from_millis(100));
+    let admin = app.admin();
+    let marker = format!("sbx-expiry-marker-{}", std::process::id());
+    let id = create(&admin, json!({"timeoutSec": 1}))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    exec(
+        &admin,
+        &id,
+        json!({"command": format!("bash -c '(exec -a {marker} sleep 300) > /dev/null 2>&1 &'")}),
+    );
+    let leftovers = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|c| String::from_utf8_lossy(c).contains(&marker))
+            .count()
+    };
+    assert_eq!(leftovers(), 1);
+    let started = Instant::now();
+    while get(&admin, &format!("/v1/sandboxes/{id}")).status != 404 {
+        assert!(started.elapsed() < Duration::from_secs(10), "never expired");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(leftovers(), 0, "a process outlived its sandbox");
+    // Extending the timeout keeps another one alive.
+    let id = create(&admin, json!({"timeoutSec": 1}))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = admin.post_json(
+        &format!("/v1/sandboxes/{id}/timeout"),
+        &json!({"timeoutSec": 60}),
+    );
+    assert_eq!(r.status, 200);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(get(&admin, &format!("/v1/sandboxes/{id}")).status, 200);
+}
+
+#[test]
+fn limits_quotas_and_bad_requests() {
+    if !jail_available() {
+        return;
+    }
+    let app = TestApp::start_with(|c| c.sandbox_limits.max_per_tenant = 2);
+    let admin = app.admin();
+    let first = create(&admin, json!({}));
+    create(&admin, json!({}));
+    let r = admin.post_json("/v1/sandboxes", &json!({}));
+    assert_error(&r, 429, "RATE_LIMITED");
+    assert!(r.header("retry-after").is_some());
+    // Each exec takes one execution.
+    let (key, _) =
+        app.create_key(json!({"name": "m", "profile": "sandbox-user", "executionsLimit": 1}));
+    let id = first["id"].as_str().unwrap();
+    let c = app.client(&key);
+    // The metered key is in the same tenant and env: it may use the sandbox.
+    let r = c.post_json(
+        &format!("/v1/sandboxes/{id}/exec"),
+        &json!({"command": "true"}),
+    );
+    assert_eq!(r.json()["executionsLeft"], 0, "{}", r.text());
+    let r = c.post_json(
+        &format!("/v1/sandboxes/{id}/exec"),
+        &json!({"command": "true"}),
+    );
+    assert_error(&r, 429, "QUOTA_EXCEEDED");
+    for (body, field) in [
+        (json!({"template": "nope"}), "template"),
+        (json!({"network": "host"}), "network"),
+        (json!({"timeoutSec": 0}), "timeoutSec"),
+        (json!({"memoryMb": 1}), "memoryMb"),
+    ] {
+        let r = admin.post_json("/v1/sandboxes", &body);
+        assert_eq!(
+            assert_error(&r, 400, "INVALID_REQUEST")["error"]["field"],
+            field
+        );
+    }
+    for (body, field) in [
+        (json!({}), "command"),
+        (json!({"language": "cobol", "code": "x"}), "language"),
+        (json!({"command": "true", "cwd": "relative"}), "cwd"),
+        (json!({"command": "true", "timeoutMs": 0}), "timeoutMs"),
+    ] {
+        let r = admin.post_json(&format!("/v1/sandboxes/{id}/exec"), &body);
+        assert_eq!(
+            assert_error(&r, 400, "INVALID_REQUEST")["error"]["field"],
+            field
+        );
+    }
+}
