@@ -12,6 +12,7 @@ mod output;
 mod parse;
 mod remote;
 mod run_cmd;
+mod sandbox_cmd;
 mod serve;
 
 #[derive(Debug, Parser)]
@@ -35,6 +36,8 @@ enum Command {
     Auth(auth_cmd::AuthArgs),
     /// Run a program once on a server; exits with its exit code.
     Run(run_cmd::RunArgs),
+    /// Create, use and kill sandboxes on a server.
+    Sandbox(sandbox_cmd::SandboxArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Command::Keys(args) => keys_cmd::run(args),
         Command::Auth(args) => auth_cmd::run(args),
         Command::Run(args) => run_cmd::run(args),
+        Command::Sandbox(args) => sandbox_cmd::run(args),
     };
     match result {
         Ok(code) => code,

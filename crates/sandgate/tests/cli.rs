@@ -727,3 +727,83 @@ fn sandboxes_die_with_a_crashed_server() {
         .unwrap_err();
     assert_eq!(err.code(), Some("NOT_FOUND"));
 }
+
+#[test]
+fn sandbox_commands_drive_a_sandbox() {
+    if let Err(e) = sandgate_jail::Jail::new(sandgate_jail::Config::default()) {
+        eprintln!("skipped: programs cannot be jailed here: {e}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data"));
+    let key = server.admin_key();
+    let env = [
+        ("SANDGATE_URL", server.url.as_str()),
+        ("SANDGATE_API_KEY", key.as_str()),
+    ];
+    let config = tmp.path().join("config");
+    let created = json_of(&sandgate(
+        &[
+            "sandbox",
+            "create",
+            "--timeout",
+            "5m",
+            "--metadata",
+            "owner=cli",
+            "--json",
+        ],
+        &env,
+        &config,
+    ));
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(created["metadata"]["owner"], "cli");
+    let out = sandgate(
+        &["sandbox", "exec", id, "echo made > f; cat f; exit 5"],
+        &env,
+        &config,
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "made\n");
+    assert_eq!(out.status.code(), Some(5));
+    let out = sandgate(
+        &[
+            "sandbox",
+            "exec",
+            id,
+            "--lang",
+            "python",
+            "print(open('f').read().upper())",
+        ],
+        &env,
+        &config,
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "MADE\n\n");
+    let list = sandgate(&["sandbox", "list"], &env, &config);
+    assert!(String::from_utf8_lossy(&list.stdout).contains(id));
+    assert_eq!(
+        json_of(&sandgate(
+            &["sandbox", "pause", id, "--json"],
+            &env,
+            &config
+        ))["state"],
+        "paused"
+    );
+    let out = sandgate(&["sandbox", "exec", id, "true"], &env, &config);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("paused"));
+    assert_eq!(
+        json_of(&sandgate(
+            &["sandbox", "resume", id, "--json"],
+            &env,
+            &config
+        ))["state"],
+        "running"
+    );
+    assert!(
+        sandgate(&["sandbox", "kill", id], &env, &config)
+            .status
+            .success()
+    );
+    let out = sandgate(&["sandbox", "get", id], &env, &config);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
