@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sandgate_jail::{Jail, Limits, Spec};
+use sandgate_jail::{Jail, Limits, OutputStream, Spec};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -190,6 +190,11 @@ impl From<InvalidField> for SandboxError {
         SandboxError::Invalid(f)
     }
 }
+
+pub use sandgate_jail::OutputStream as Stream;
+
+/// Receives exec output as text while it runs; `false` means nobody listens.
+pub type TextSink = Box<dyn FnMut(OutputStream, &str) -> bool + Send>;
 
 #[async_trait]
 pub trait SandboxStore: Send + Sync + 'static {
@@ -669,12 +674,36 @@ impl SandboxManager {
     }
 
     pub async fn exec(&self, prepared: PreparedExec) -> Result<ExecuteResponse, SandboxError> {
+        self.exec_streaming(prepared, Box::new(|_, _| true)).await
+    }
+
+    /// [`SandboxManager::exec`], handing output to `sink` as it is produced, as
+    /// text (a UTF-8 sequence split between reads is held back until complete).
+    /// `sink` runs on a blocking thread; `false` from it (also asked with an
+    /// empty string now and then) means nobody listens: the program is killed.
+    pub async fn exec_streaming(
+        &self,
+        prepared: PreparedExec,
+        mut sink: TextSink,
+    ) -> Result<ExecuteResponse, SandboxError> {
         let jail = self.jail()?;
         let PreparedExec { live, spec } = prepared;
         let outcome = tokio::task::spawn_blocking(move || {
             let guard = live.jail.read().unwrap_or_else(|p| p.into_inner());
+            let mut pending: [Vec<u8>; 2] = Default::default();
+            let mut text_sink = |stream: OutputStream, bytes: &[u8]| {
+                if bytes.is_empty() {
+                    return sink(stream, "");
+                }
+                let buf = &mut pending[usize::from(stream == OutputStream::Stderr)];
+                buf.extend_from_slice(bytes);
+                let text = utf8_prefix(buf);
+                text.is_empty() || sink(stream, &text)
+            };
             match guard.as_ref() {
-                Some(sandbox) => jail.exec(sandbox, &spec).map(Some),
+                Some(sandbox) => jail
+                    .exec_streaming(sandbox, &spec, &mut text_sink)
+                    .map(Some),
                 None => Ok(None),
             }
         })
@@ -682,6 +711,36 @@ impl SandboxManager {
         .map_err(|e| io::Error::other(e.to_string()))??;
         let outcome = outcome.ok_or(SandboxError::NotFound)?;
         Ok(response_of(outcome))
+    }
+}
+
+/// Takes the longest complete UTF-8 text from the front of `buf` (invalid bytes
+/// become U+FFFD), leaving an incomplete trailing sequence for the next read.
+fn utf8_prefix(buf: &mut Vec<u8>) -> String {
+    let mut out = String::new();
+    loop {
+        match std::str::from_utf8(buf) {
+            Ok(s) => {
+                out.push_str(s);
+                buf.clear();
+                return out;
+            }
+            Err(e) => {
+                let valid = e.valid_up_to();
+                out.push_str(std::str::from_utf8(&buf[..valid]).expect("valid prefix"));
+                match e.error_len() {
+                    // Incomplete at the end: keep it for the next chunk.
+                    None => {
+                        buf.drain(..valid);
+                        return out;
+                    }
+                    Some(bad) => {
+                        out.push('\u{FFFD}');
+                        buf.drain(..valid + bad);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -696,5 +755,23 @@ impl std::fmt::Debug for PreparedExec {
         f.debug_struct("PreparedExec")
             .field("argv0", &self.spec.argv.first())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_utf8_sequences_wait_for_their_end() {
+        let snow = "☃".as_bytes();
+        let mut buf = vec![b'a', snow[0]];
+        assert_eq!(utf8_prefix(&mut buf), "a");
+        buf.extend_from_slice(&snow[1..]);
+        buf.push(b'b');
+        assert_eq!(utf8_prefix(&mut buf), "☃b");
+        assert!(buf.is_empty());
+        let mut bad = vec![b'x', 0xff, b'y'];
+        assert_eq!(utf8_prefix(&mut bad), "x\u{FFFD}y");
     }
 }

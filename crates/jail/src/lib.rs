@@ -124,6 +124,16 @@ pub struct Spec {
     pub limits: Limits,
 }
 
+/// Receives output as it is produced; `false` means nobody listens any more.
+pub type Sink<'a> = dyn FnMut(OutputStream, &[u8]) -> bool + 'a;
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -813,6 +823,11 @@ pub(crate) struct Captured {
 pub(crate) struct Streams<'a> {
     stdin: Option<OwnedFd>,
     stdin_rest: &'a [u8],
+    /// Sees stdout and stderr as they come (what is kept, up to the cap); `false`
+    /// from it means nobody is listening any more.
+    sink: Option<&'a mut Sink<'a>>,
+    /// The sink said stop.
+    pub(crate) abandoned: bool,
     /// stdout, stderr, result, report; `None` once at end of file.
     pub(crate) readers: [Option<OwnedFd>; 4],
     pub(crate) outputs: [Captured; 3],
@@ -835,6 +850,8 @@ impl<'a> Streams<'a> {
         Ok(Streams {
             stdin: (!input.is_empty()).then_some(stdin),
             stdin_rest: input,
+            sink: None,
+            abandoned: false,
             readers: readers.map(Some),
             outputs: Default::default(),
             report: Vec::new(),
@@ -943,7 +960,18 @@ impl<'a> Streams<'a> {
             }
             let out = &mut self.outputs[i];
             let room = self.cap.saturating_sub(out.data.len());
-            out.data.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            let kept = &chunk[..chunk.len().min(room)];
+            out.data.extend_from_slice(kept);
+            if let (Some(sink), false) = (self.sink.as_mut(), kept.is_empty() || i > 1) {
+                let stream = if i == 0 {
+                    OutputStream::Stdout
+                } else {
+                    OutputStream::Stderr
+                };
+                if !sink(stream, kept) {
+                    self.abandoned = true;
+                }
+            }
             if chunk.len() > room {
                 out.truncated = true;
                 // stdout and stderr over the cap end the run; a too-large result
@@ -953,6 +981,23 @@ impl<'a> Streams<'a> {
                 }
             }
         }
+    }
+
+    /// Asks the sink whether anyone still listens (an empty chunk).
+    pub(crate) fn check_sink(&mut self) {
+        if let Some(sink) = self.sink.as_mut()
+            && !sink(OutputStream::Stdout, &[])
+        {
+            self.abandoned = true;
+        }
+    }
+
+    pub(crate) fn with_sink(
+        mut self,
+        sink: &'a mut dyn FnMut(OutputStream, &[u8]) -> bool,
+    ) -> Self {
+        self.sink = Some(sink);
+        self
     }
 
     pub(crate) fn reports(&self) -> Vec<Report> {

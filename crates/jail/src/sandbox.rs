@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::cgroup::{Group, GroupLimits};
 use crate::child::{self, ChildFds, Mode, Report, Stage};
-use crate::{Child, Jail, Outcome, RUN_SEQ, Spec, Status, Streams, pipe, write_all};
+use crate::{Child, Jail, Outcome, OutputStream, RUN_SEQ, Spec, Status, Streams, pipe, write_all};
 
 /// How long a sandbox's init may take to build the jail.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -149,6 +149,18 @@ impl Jail {
     /// The sandbox's memory, pids and CPU limits apply (not `spec`'s); `spec.files`
     /// are not written (the sandbox's `/sandbox` is read-only).
     pub fn exec(&self, sandbox: &Sandbox, spec: &Spec) -> io::Result<Outcome> {
+        self.exec_streaming(sandbox, spec, &mut |_, _| true)
+    }
+
+    /// [`Jail::exec`], handing stdout and stderr to `sink` as they are produced.
+    /// When `sink` returns `false` (nobody listens any more), the program is killed.
+    /// `sink` is also called with an empty chunk now and then, only to ask that.
+    pub fn exec_streaming(
+        &self,
+        sandbox: &Sandbox,
+        spec: &Spec,
+        sink: &mut dyn FnMut(OutputStream, &[u8]) -> bool,
+    ) -> io::Result<Outcome> {
         if spec.argv.is_empty() {
             return Err(crate::invalid("argv must not be empty"));
         }
@@ -198,7 +210,8 @@ impl Jail {
             &spec.stdin,
             [stdout.0, stderr.0, result.0, report.0],
             spec.limits.output_bytes,
-        )?;
+        )?
+        .with_sink(sink);
         let deadline = started + spec.limits.timeout;
         let mut ended_by: Option<Status> = None;
         let mut exited_at: Option<Instant> = None;
@@ -231,10 +244,17 @@ impl Jail {
                 (Some(_), None) => Duration::from_millis(100),
                 (None, None) => deadline.saturating_duration_since(now),
             };
-            streams.poll(wait)?;
+            // Wake now and then to notice a listener that went away.
+            streams.poll(wait.min(Duration::from_millis(250)))?;
+            streams.check_sink();
             if streams.over_cap && ended_by.is_none() {
                 kill(&streams, &helper);
                 ended_by = Some(Status::OutputLimit);
+            }
+            if streams.abandoned && ended_by.is_none() {
+                // Nobody waits for the answer: stop the program.
+                kill(&streams, &helper);
+                ended_by = Some(Status::Signaled(libc::SIGKILL));
             }
             if ended_by.is_some() && Instant::now() > deadline + Duration::from_secs(2) {
                 break;

@@ -19,6 +19,7 @@ use sandgate_core::limits::RateLimiter;
 use tokio::net::TcpListener;
 
 pub mod auth;
+mod body;
 pub mod error;
 pub mod extract;
 pub mod handlers;
@@ -47,6 +48,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(|| async { ApiError::not_found("route").into_response() })
         .method_not_allowed_fallback(|| async { ApiError::not_found("route").into_response() })
         .layer(DefaultBodyLimit::max(state.config().max_body_bytes))
+        .layer(middleware::from_fn(body::buffer_small_bodies))
         .layer(Extension(policy))
         .layer(Extension(doc))
         .layer(middleware::from_fn_with_state(

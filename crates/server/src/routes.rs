@@ -347,7 +347,9 @@ pub fn table() -> RouteTable {
                 Needs(Scope::SandboxExecute),
                 "execInSandbox",
             )
-            .summary("Run a command, or code, inside a sandbox")
+            .summary(
+                "Run a command, or code, inside a sandbox (Accept: application/x-ndjson streams)",
+            )
             .body::<sandgate_core::sandboxes::ExecRequest>()
             .returns::<sandgate_core::execute::ExecuteResponse>(200),
             sandboxes::exec,

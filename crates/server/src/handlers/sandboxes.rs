@@ -3,19 +3,26 @@
 
 use std::collections::HashMap;
 
+use std::convert::Infallible;
+
 use axum::Json;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::StatusCode;
-use sandgate_core::execute::ExecuteResponse;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use sandgate_core::sandboxes::{
-    CreateSandboxRequest, ExecRequest, ListFilter, SandboxState, SandboxView, TimeoutRequest,
+    CreateSandboxRequest, ExecRequest, ListFilter, SandboxState, SandboxView, Stream,
+    TimeoutRequest,
 };
 use sandgate_core::store::QuotaExhausted;
 use schemars::JsonSchema;
 use serde::Serialize;
+use serde_json::json;
+use tokio::sync::mpsc;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use crate::request::current_request_id;
 use crate::state::AppState;
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -138,21 +145,84 @@ pub async fn set_timeout(
 }
 
 /// Checks the request and the sandbox, takes one execution from the quota, runs.
+/// With `Accept: application/x-ndjson` the output streams as it is produced:
+/// `{"type":"stdout","data":…}` / `{"type":"stderr",…}` lines, then one
+/// `{"type":"exit", …the result fields…}` (or `{"type":"error","error":{…}}`).
+/// A client that goes away stops the program.
 pub async fn exec(
     State(state): State<AppState>,
     Caller(caller): Caller,
     ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<ExecRequest>,
-) -> ApiResult<Json<ExecuteResponse>> {
+) -> ApiResult<Response> {
     let prepared = state.sandboxes().prepare_exec(&caller, &id, req)?;
     let left = match state.keys().consume_execution(&caller).await {
         Ok(left) => left,
         Err(QuotaExhausted::Exhausted) => return Err(ApiError::quota_exceeded()),
         Err(QuotaExhausted::Store(e)) => return Err(e.into()),
     };
-    let mut response = state.sandboxes().exec(prepared).await?;
-    response.executions_left = left;
-    state.usage().execution(&caller, response.cpu_ms);
-    state.metrics().execution(response.status);
-    Ok(Json(response))
+    let streaming = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/x-ndjson"));
+    if !streaming {
+        let mut response = state.sandboxes().exec(prepared).await?;
+        response.executions_left = left;
+        state.usage().execution(&caller, response.cpu_ms);
+        state.metrics().execution(response.status);
+        return Ok(Json(response).into_response());
+    }
+    let (lines, body) = mpsc::channel::<Bytes>(64);
+    let output = lines.clone();
+    let sink = Box::new(move |stream: Stream, text: &str| {
+        if text.is_empty() {
+            return !output.is_closed();
+        }
+        let kind = match stream {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        };
+        output
+            .blocking_send(ndjson(&json!({"type": kind, "data": text})))
+            .is_ok()
+    });
+    let request_id = current_request_id();
+    tokio::spawn(async move {
+        let last = match state.sandboxes().exec_streaming(prepared, sink).await {
+            Ok(mut response) => {
+                response.executions_left = left;
+                state.usage().execution(&caller, response.cpu_ms);
+                state.metrics().execution(response.status);
+                let mut fields = serde_json::to_value(&response).unwrap_or_default();
+                if let Some(map) = fields.as_object_mut() {
+                    map.insert("type".into(), json!("exit"));
+                }
+                fields
+            }
+            Err(e) => {
+                let e = ApiError::from(e);
+                json!({"type": "error", "error": {
+                    "code": e.code(), "message": "the exec failed", "requestId": request_id
+                }})
+            }
+        };
+        let _ = lines.send(ndjson(&last)).await;
+    });
+    let stream = futures_util::stream::unfold(body, |mut body| async move {
+        body.recv()
+            .await
+            .map(|line| (Ok::<Bytes, Infallible>(line), body))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+fn ndjson(value: &serde_json::Value) -> Bytes {
+    let mut line = serde_json::to_vec(value).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
 }
