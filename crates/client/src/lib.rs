@@ -193,6 +193,70 @@ impl Client {
         })
     }
 
+    /// `POST /v1/sandboxes/{id}/exec` streaming: calls `on_event` with each ndjson
+    /// event as it arrives (`stdout`, `stderr`) and returns the final `exit` event.
+    pub fn exec_stream(
+        &self,
+        id: &str,
+        request: &Value,
+        mut on_event: impl FnMut(&Value),
+    ) -> Result<Value, ClientError> {
+        use std::io::BufRead;
+        let body =
+            serde_json::to_vec(request).map_err(|e| ClientError::Transport(e.to_string()))?;
+        let mut builder = ureq::http::Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}/v1/sandboxes/{}/exec", self.base, encode(id)))
+            .header("Content-Type", "application/json")
+            .header("Accept", "application/x-ndjson");
+        if let Some(key) = &self.key {
+            builder = builder.header("Authorization", format!("Bearer {key}"));
+        }
+        let request = builder
+            .body(body)
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let response = self
+            .agent
+            .run(request)
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let headers = response.headers().clone();
+            let body = response
+                .into_body()
+                .read_to_vec()
+                .map_err(|e| ClientError::Transport(e.to_string()))?;
+            return RawResponse {
+                status,
+                headers,
+                body,
+            }
+            .into_result();
+        }
+        let reader = std::io::BufReader::new(response.into_body().into_reader());
+        for line in reader.lines() {
+            let line = line.map_err(|e| ClientError::Transport(e.to_string()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let event: Value =
+                serde_json::from_str(&line).map_err(|e| ClientError::Transport(e.to_string()))?;
+            match event["type"].as_str() {
+                Some("exit") => return Ok(event),
+                Some("error") => {
+                    return Err(ClientError::Transport(format!(
+                        "the exec failed on the server: {}",
+                        event["error"]
+                    )));
+                }
+                _ => on_event(&event),
+            }
+        }
+        Err(ClientError::Transport(
+            "the stream ended without an exit event".into(),
+        ))
+    }
+
     /// A JSON request; the decoded body on success, the API error otherwise.
     pub fn call(
         &self,

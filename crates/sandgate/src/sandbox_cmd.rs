@@ -177,14 +177,23 @@ pub fn run(args: SandboxArgs) -> Result<ExitCode> {
                     body.insert("stdin".into(), json!(input));
                 }
             }
-            let r = client.call(Method::POST, &path(id, "/exec"), Some(&Value::Object(body)))?;
+            let body = Value::Object(body);
             if args.json {
+                let r = client.call(Method::POST, &path(id, "/exec"), Some(&body))?;
                 output::json(&r);
                 return Ok(ExitCode::SUCCESS);
             }
-            std::io::stdout().write_all(r["stdout"].as_str().unwrap_or_default().as_bytes())?;
-            std::io::stdout().flush()?;
-            std::io::stderr().write_all(r["stderr"].as_str().unwrap_or_default().as_bytes())?;
+            // Output appears as the program produces it.
+            let r = client.exec_stream(id, &body, |event| {
+                let data = event["data"].as_str().unwrap_or_default().as_bytes();
+                if event["type"] == "stderr" {
+                    let _ = std::io::stderr().write_all(data);
+                } else {
+                    let mut out = std::io::stdout();
+                    let _ = out.write_all(data);
+                    let _ = out.flush();
+                }
+            })?;
             let code = match r["status"].as_str() {
                 Some("timeout") => 124,
                 Some("memory_limit") => 137,
