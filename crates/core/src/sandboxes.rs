@@ -171,6 +171,8 @@ pub struct ListFilter {
 pub enum SandboxError {
     #[error("sandbox not found")]
     NotFound,
+    #[error("no such file or directory in the sandbox")]
+    FileNotFound,
     #[error("{0}")]
     Conflict(String),
     #[error("invalid {}: {}", .0.field, .0.message)]
@@ -711,6 +713,99 @@ impl SandboxManager {
         .map_err(|e| io::Error::other(e.to_string()))??;
         let outcome = outcome.ok_or(SandboxError::NotFound)?;
         Ok(response_of(outcome))
+    }
+}
+
+/// Largest file `GET …/files` returns.
+pub const MAX_READ_BYTES: u64 = 64 << 20;
+
+impl SandboxManager {
+    /// Runs `f` on the caller's live sandbox, on a blocking thread.
+    async fn with_sandbox<T: Send + 'static>(
+        &self,
+        caller: &Principal,
+        id: &str,
+        f: impl FnOnce(&sandgate_jail::Sandbox) -> io::Result<T> + Send + 'static,
+    ) -> Result<T, SandboxError> {
+        let live = self.find(caller, id)?;
+        let result = tokio::task::spawn_blocking(move || {
+            let guard = live.jail.read().unwrap_or_else(|p| p.into_inner());
+            guard.as_ref().map(f)
+        })
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?;
+        match result {
+            None => Err(SandboxError::NotFound),
+            Some(r) => r.map_err(file_error),
+        }
+    }
+
+    /// A file's bytes or a directory's entries, resolved inside the sandbox.
+    pub async fn read_file(
+        &self,
+        caller: &Principal,
+        id: &str,
+        path: String,
+    ) -> Result<sandgate_jail::FileContent, SandboxError> {
+        check_path(&path)?;
+        self.with_sandbox(caller, id, move |s| s.read_path(&path, MAX_READ_BYTES))
+            .await
+    }
+
+    /// Writes a file (parents created), owned by the sandbox user.
+    pub async fn write_file(
+        &self,
+        caller: &Principal,
+        id: &str,
+        path: String,
+        data: Vec<u8>,
+    ) -> Result<u64, SandboxError> {
+        check_path(&path)?;
+        let (uid, gid) = (SANDBOX_UID, SANDBOX_GID);
+        self.with_sandbox(caller, id, move |s| s.write_path(&path, &data, uid, gid))
+            .await
+    }
+
+    pub async fn remove_file(
+        &self,
+        caller: &Principal,
+        id: &str,
+        path: String,
+    ) -> Result<(), SandboxError> {
+        check_path(&path)?;
+        self.with_sandbox(caller, id, move |s| s.remove_path(&path))
+            .await
+    }
+}
+
+/// The sandbox user (the jail's default).
+const SANDBOX_UID: u32 = 65534;
+const SANDBOX_GID: u32 = 65534;
+
+fn check_path(path: &str) -> Result<(), SandboxError> {
+    if !path.starts_with('/') || path.contains('\0') || path.len() > 4096 {
+        return Err(invalid("path", "path must be absolute, like /workspace/data.csv").into());
+    }
+    Ok(())
+}
+
+/// A file operation's failure, in API terms.
+fn file_error(e: io::Error) -> SandboxError {
+    use io::ErrorKind::*;
+    match e.kind() {
+        NotFound => SandboxError::FileNotFound,
+        _ => {
+            // Linux errno values: EROFS, ELOOP, ENOTDIR, EISDIR, ENOSPC.
+            let why = match e.raw_os_error() {
+                Some(30) => "that part of the sandbox is read-only".to_owned(),
+                Some(40) => "the path ends in a symbolic link".to_owned(),
+                Some(20) => "a parent of the path is not a directory".to_owned(),
+                Some(21) => "the path is a directory".to_owned(),
+                Some(28) => "the sandbox's disk is full".to_owned(),
+                _ => e.to_string(),
+            };
+            SandboxError::Invalid(invalid("path", why))
+        }
     }
 }
 

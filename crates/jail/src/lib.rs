@@ -33,9 +33,11 @@ use std::time::{Duration, Instant};
 
 mod cgroup;
 mod child;
+mod files;
 mod netns;
 mod sandbox;
 
+pub use files::{DirEntry, FileContent};
 pub use sandbox::Sandbox;
 mod seccomp;
 

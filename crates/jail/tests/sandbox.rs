@@ -140,3 +140,87 @@ fn a_sandbox_outlives_the_thread_that_created_it() {
     let o = jail.exec(&sandbox, &sh("echo alive")).unwrap();
     assert_eq!(out(&o), "alive\n");
 }
+
+#[test]
+fn files_are_read_and_written_inside_the_sandbox_only() {
+    use sandgate_jail::FileContent;
+    let Some(jail) = jail() else { return };
+    let sandbox = jail.create_sandbox(&Spec::default()).unwrap();
+    // Written by the server, owned by the sandbox user, parents created.
+    sandbox
+        .write_path("/workspace/a/b/c.txt", b"hello", 65534, 65534)
+        .unwrap();
+    let o = jail
+        .exec(&sandbox, &sh("cat /workspace/a/b/c.txt; stat -c %u /workspace/a/b/c.txt /workspace/a; echo more >> /workspace/a/b/c.txt"))
+        .unwrap();
+    assert_eq!(
+        out(&o),
+        "hello65534\n65534\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    match sandbox.read_path("/workspace/a/b/c.txt", 1 << 20).unwrap() {
+        FileContent::File(data) => assert_eq!(data, b"hellomore\n"),
+        other => panic!("{other:?}"),
+    }
+    match sandbox.read_path("/workspace/a", 1 << 20).unwrap() {
+        FileContent::Dir(entries) => {
+            assert_eq!(entries.len(), 1);
+            assert_eq!((entries[0].name.as_str(), entries[0].kind), ("b", "dir"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Hostile links made inside lead nowhere outside.
+    let host = format!("/tmp/sandgate-host-secret-{}", std::process::id());
+    std::fs::write(&host, "host secret").unwrap();
+    jail.exec(
+        &sandbox,
+        &sh(&format!(
+            "cd /workspace; ln -s {host} abs; ln -s ../../../../../..{host} rel; ln -s / root; ln -s /proc/1/environ env"
+        )),
+    )
+    .unwrap();
+    for link in [
+        "/workspace/abs",
+        "/workspace/rel",
+        "/workspace/root/..{host}",
+    ] {
+        let path = link.replace("{host}", &host);
+        let err = sandbox.read_path(&path, 1 << 20).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{path}: {err}");
+    }
+    assert!(
+        sandbox.read_path("/workspace/../../..", 1 << 20).is_ok(),
+        "`..` stops at the root"
+    );
+    let err = sandbox.read_path("/workspace/env", 1 << 20).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+    assert!(sandbox.read_path("/proc/1/environ", 1 << 20).is_err());
+    assert!(sandbox.read_path("/sys", 1 << 20).is_err());
+    // Writing through a link or into the read-only root fails; the host is untouched.
+    assert!(
+        sandbox
+            .write_path("/workspace/abs", b"pwned", 65534, 65534)
+            .is_err()
+    );
+    assert!(
+        sandbox
+            .write_path("/workspace/root/usr/evil", b"x", 65534, 65534)
+            .is_err()
+    );
+    assert!(
+        sandbox
+            .write_path(&format!("/workspace/root/..{host}"), b"x", 65534, 65534)
+            .is_ok()
+    );
+    assert_eq!(std::fs::read_to_string(&host).unwrap(), "host secret");
+    std::fs::remove_file(&host).unwrap();
+    // Removing a tree, and a link without its target.
+    sandbox.remove_path("/workspace/a").unwrap();
+    sandbox.remove_path("/workspace/root").unwrap();
+    assert!(sandbox.read_path("/workspace/a", 1 << 20).is_err());
+    assert!(
+        sandbox.read_path("/usr/bin/env", 1 << 30).is_ok(),
+        "the link's target stays"
+    );
+}

@@ -179,6 +179,7 @@ impl From<SandboxError> for ApiError {
     fn from(e: SandboxError) -> Self {
         match e {
             SandboxError::NotFound => ApiError::not_found("sandbox"),
+            SandboxError::FileNotFound => ApiError::not_found("file"),
             SandboxError::Conflict(m) => ApiError::conflict(m),
             SandboxError::Invalid(f) => f.into(),
             SandboxError::TooMany(max) => ApiError::too_many_sandboxes(max),

@@ -114,6 +114,9 @@ fn post(path: &'static str, access: Access, op: &'static str) -> RouteSpec {
 fn patch(path: &'static str, access: Access, op: &'static str) -> RouteSpec {
     RouteSpec::new(Method::PATCH, path, access, op)
 }
+fn put(path: &'static str, access: Access, op: &'static str) -> RouteSpec {
+    RouteSpec::new(Method::PUT, path, access, op)
+}
 fn delete(path: &'static str, access: Access, op: &'static str) -> RouteSpec {
     RouteSpec::new(Method::DELETE, path, access, op)
 }
@@ -353,6 +356,39 @@ pub fn table() -> RouteTable {
             .body::<sandgate_core::sandboxes::ExecRequest>()
             .returns::<sandgate_core::execute::ExecuteResponse>(200),
             sandboxes::exec,
+        )
+        .add(
+            get(
+                "/v1/sandboxes/{id}/files",
+                Needs(Scope::SandboxFiles),
+                "readSandboxFile",
+            )
+            .summary("A file's bytes, or a JSON listing of a directory (?path=/abs/path)")
+            .query(&[("path", "absolute path inside the sandbox")])
+            .returns::<sandboxes::DirListing>(200),
+            sandboxes::read_file,
+        )
+        .add(
+            put(
+                "/v1/sandboxes/{id}/files",
+                Needs(Scope::SandboxFiles),
+                "writeSandboxFile",
+            )
+            .summary("Write the raw body to ?path= (parent directories created)")
+            .query(&[("path", "absolute path inside the sandbox")])
+            .returns::<sandboxes::Written>(200),
+            sandboxes::write_file,
+        )
+        .add(
+            delete(
+                "/v1/sandboxes/{id}/files",
+                Needs(Scope::SandboxFiles),
+                "removeSandboxFile",
+            )
+            .summary("Remove a file, a link or a directory tree (?path=)")
+            .query(&[("path", "absolute path inside the sandbox")])
+            .no_content(),
+            sandboxes::remove_file,
         )
         // ---- usage ----
         .add(

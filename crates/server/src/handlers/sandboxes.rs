@@ -15,6 +15,7 @@ use sandgate_core::sandboxes::{
     TimeoutRequest,
 };
 use sandgate_core::store::QuotaExhausted;
+use sandgate_jail::FileContent;
 use schemars::JsonSchema;
 use serde::Serialize;
 use serde_json::json;
@@ -225,4 +226,99 @@ fn ndjson(value: &serde_json::Value) -> Bytes {
     let mut line = serde_json::to_vec(value).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct PathParam {
+    path: Option<String>,
+}
+
+fn path_of(p: PathParam) -> ApiResult<String> {
+    p.path
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::invalid("path", "give ?path=/absolute/path"))
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileEntry {
+    pub name: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub size: u64,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct DirListing {
+    pub path: String,
+    pub entries: Vec<FileEntry>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Written {
+    pub path: String,
+    pub size: u64,
+}
+
+/// A file's bytes, or a JSON listing when the path is a directory.
+pub async fn read_file(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(params): ApiQuery<PathParam>,
+) -> ApiResult<Response> {
+    let path = path_of(params)?;
+    match state
+        .sandboxes()
+        .read_file(&caller, &id, path.clone())
+        .await?
+    {
+        FileContent::File(data) => {
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+        }
+        FileContent::Dir(entries) => Ok(Json(DirListing {
+            path,
+            entries: entries
+                .into_iter()
+                .map(|e| FileEntry {
+                    name: e.name,
+                    kind: e.kind,
+                    size: e.size,
+                })
+                .collect(),
+        })
+        .into_response()),
+    }
+}
+
+/// Writes the raw body to the path (parents created).
+pub async fn write_file(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(params): ApiQuery<PathParam>,
+    body: Body,
+) -> ApiResult<Json<Written>> {
+    let path = path_of(params)?;
+    let limit = state.config().max_body_bytes;
+    let data = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::payload_too_large(limit))?;
+    let size = state
+        .sandboxes()
+        .write_file(&caller, &id, path.clone(), data.to_vec())
+        .await?;
+    Ok(Json(Written { path, size }))
+}
+
+pub async fn remove_file(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(params): ApiQuery<PathParam>,
+) -> ApiResult<StatusCode> {
+    let path = path_of(params)?;
+    state.sandboxes().remove_file(&caller, &id, path).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

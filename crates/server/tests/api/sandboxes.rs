@@ -452,3 +452,98 @@ fn a_client_that_disconnects_stops_its_command() {
         "ok\n"
     );
 }
+
+#[test]
+fn files_are_written_read_listed_and_removed_inside_the_sandbox() {
+    if !jail_available() {
+        return;
+    }
+    let app = TestApp::start();
+    let admin = app.admin();
+    let id = create(&admin, json!({}))["id"].as_str().unwrap().to_owned();
+    let files = |path: &str| format!("/v1/sandboxes/{id}/files?path={path}");
+    let r = admin
+        .raw(
+            Method::PUT,
+            &files("/workspace/in/data.csv"),
+            &[],
+            Some(b"a,b\n1,2\n"),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        json!({"path": "/workspace/in/data.csv", "size": 8})
+    );
+    let r = exec(
+        &admin,
+        &id,
+        json!({"command": "wc -l < in/data.csv; echo out > in/result.txt"}),
+    );
+    assert_eq!(r["stdout"], "2\n");
+    assert_eq!(
+        get(&admin, &files("/workspace/in/result.txt")).body,
+        b"out\n"
+    );
+    let listing = get(&admin, &files("/workspace/in")).json();
+    assert_eq!(listing["path"], "/workspace/in");
+    let names: Vec<&str> = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["data.csv", "result.txt"]);
+    assert_eq!(listing["entries"][0]["type"], "file");
+    assert_eq!(delete(&admin, &files("/workspace/in")).status, 204);
+    assert_error(&get(&admin, &files("/workspace/in")), 404, "NOT_FOUND");
+
+    // `..` and links made inside stay inside: the sandbox's own /etc/passwd, never
+    // the host's; no host file through a link; no /proc.
+    let passwd = get(&admin, &files("/workspace/../../../etc/passwd")).text();
+    assert!(passwd.contains("sandbox:x:65534"), "{passwd}");
+    assert!(
+        !std::fs::read_to_string("/etc/passwd")
+            .unwrap()
+            .contains("sandbox:x:65534:65534:sandbox:/workspace")
+    );
+    let secret = app.data_dir().join("host-only.txt");
+    std::fs::write(&secret, "host only").unwrap();
+    exec(
+        &admin,
+        &id,
+        json!({"command": format!("ln -s {} /workspace/leak; ln -s /proc/1/environ /workspace/env", secret.display())}),
+    );
+    assert_error(&get(&admin, &files("/workspace/leak")), 404, "NOT_FOUND");
+    let r = get(&admin, &files("/workspace/env"));
+    assert_eq!(
+        assert_error(&r, 400, "INVALID_REQUEST")["error"]["field"],
+        "path"
+    );
+    assert_error(
+        &get(&admin, &files("/proc/1/environ")),
+        400,
+        "INVALID_REQUEST",
+    );
+    let r = admin
+        .raw(Method::PUT, &files("/workspace/leak"), &[], Some(b"x"))
+        .unwrap();
+    assert_error(&r, 400, "INVALID_REQUEST");
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host only");
+    let r = admin
+        .raw(Method::PUT, &files("/usr/bin/evil"), &[], Some(b"x"))
+        .unwrap();
+    assert_error(&r, 400, "INVALID_REQUEST");
+    assert!(!std::path::Path::new("/usr/bin/evil").exists());
+    assert_error(
+        &get(&admin, &format!("/v1/sandboxes/{id}/files")),
+        400,
+        "INVALID_REQUEST",
+    );
+    assert_error(&get(&admin, &files("relative")), 400, "INVALID_REQUEST");
+
+    // Another tenant's sandbox: 404, whatever the path.
+    let (other, _) = app.create_key(json!({"name": "b", "tenant": "beta", "profile": "admin"}));
+    let r = get(&app.client(&other), &files("/workspace"));
+    assert_error(&r, 404, "NOT_FOUND");
+}
