@@ -150,6 +150,23 @@ pub struct ExecRequest {
     pub timeout_ms: Option<u64>,
 }
 
+/// `POST /v1/sandboxes/{id}/code`: a cell for the sandbox's persistent
+/// interpreter of `language`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CodeRequest {
+    /// `python`.
+    pub language: String,
+    pub code: String,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The persistent Python interpreter and the client that talks to it, placed in
+/// every sandbox's read-only `/sandbox`.
+const PYTHON_KERNEL: &str = include_str!("sandboxes_kernels/python_kernel.py");
+const PYTHON_CLIENT: &str = include_str!("sandboxes_kernels/python_client.py");
+
 /// `POST /v1/sandboxes/{id}/timeout`.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -375,6 +392,16 @@ impl SandboxManager {
             live.insert(id.clone(), Arc::clone(&placeholder));
         }
         let spec = Spec {
+            files: vec![
+                sandgate_jail::SandboxFile {
+                    name: ".python-kernel.py".into(),
+                    contents: PYTHON_KERNEL.as_bytes().to_vec(),
+                },
+                sandgate_jail::SandboxFile {
+                    name: ".python-client.py".into(),
+                    contents: PYTHON_CLIENT.as_bytes().to_vec(),
+                },
+            ],
             limits: Limits {
                 memory_bytes: memory_mb << 20,
                 pids: l.pids,
@@ -673,6 +700,45 @@ impl SandboxManager {
                 },
             },
         })
+    }
+
+    /// A cell for the persistent interpreter: run as an exec of the small client
+    /// that starts the interpreter when needed and relays the cell's output. An
+    /// exec's deadline ends the client; the interpreter then interrupts the cell
+    /// (KeyboardInterrupt) and keeps its state.
+    pub fn prepare_code(
+        &self,
+        caller: &Principal,
+        id: &str,
+        req: CodeRequest,
+    ) -> Result<PreparedExec, SandboxError> {
+        if req.language != "python" {
+            return Err(invalid(
+                "language",
+                "persistent interpreters exist for `python`; run other languages with exec",
+            )
+            .into());
+        }
+        if req.code.trim().is_empty() {
+            return Err(invalid("code", "code must not be empty").into());
+        }
+        let mut prepared = self.prepare_exec(
+            caller,
+            id,
+            ExecRequest {
+                command: Some("python".into()),
+                timeout_ms: req.timeout_ms,
+                stdin: Some(req.code),
+                ..ExecRequest::default()
+            },
+        )?;
+        prepared.spec.argv = vec![
+            "/usr/bin/python3".into(),
+            "-s".into(),
+            "-B".into(),
+            "/sandbox/.python-client.py".into(),
+        ];
+        Ok(prepared)
     }
 
     pub async fn exec(&self, prepared: PreparedExec) -> Result<ExecuteResponse, SandboxError> {

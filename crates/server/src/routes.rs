@@ -358,6 +358,17 @@ pub fn table() -> RouteTable {
             sandboxes::exec,
         )
         .add(
+            post(
+                "/v1/sandboxes/{id}/code",
+                Needs(Scope::SandboxExecute),
+                "runCode",
+            )
+            .summary("Run a cell in the sandbox's persistent interpreter (state kept)")
+            .body::<sandgate_core::sandboxes::CodeRequest>()
+            .returns::<sandgate_core::execute::ExecuteResponse>(200),
+            sandboxes::code,
+        )
+        .add(
             get(
                 "/v1/sandboxes/{id}/files",
                 Needs(Scope::SandboxFiles),

@@ -11,8 +11,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sandgate_core::sandboxes::{
-    CreateSandboxRequest, ExecRequest, ListFilter, SandboxState, SandboxView, Stream,
-    TimeoutRequest,
+    CodeRequest, CreateSandboxRequest, ExecRequest, ListFilter, PreparedExec, SandboxState,
+    SandboxView, Stream, TimeoutRequest,
 };
 use sandgate_core::store::QuotaExhausted;
 use sandgate_jail::FileContent;
@@ -158,6 +158,28 @@ pub async fn exec(
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> ApiResult<Response> {
     let prepared = state.sandboxes().prepare_exec(&caller, &id, req)?;
+    run_prepared(state, caller, prepared, &headers).await
+}
+
+/// A cell for the sandbox's persistent interpreter (state kept between calls; the
+/// value of a trailing expression is `result`). Answers like exec, streaming too.
+pub async fn code(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<CodeRequest>,
+) -> ApiResult<Response> {
+    let prepared = state.sandboxes().prepare_code(&caller, &id, req)?;
+    run_prepared(state, caller, prepared, &headers).await
+}
+
+async fn run_prepared(
+    state: AppState,
+    caller: std::sync::Arc<sandgate_core::principal::Principal>,
+    prepared: PreparedExec,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
     let left = match state.keys().consume_execution(&caller).await {
         Ok(left) => left,
         Err(QuotaExhausted::Exhausted) => return Err(ApiError::quota_exceeded()),

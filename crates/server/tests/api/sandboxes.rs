@@ -547,3 +547,59 @@ fn files_are_written_read_listed_and_removed_inside_the_sandbox() {
     let r = get(&app.client(&other), &files("/workspace"));
     assert_error(&r, 404, "NOT_FOUND");
 }
+
+#[test]
+fn code_cells_share_state_like_a_notebook() {
+    if !jail_available() {
+        return;
+    }
+    let app = TestApp::start();
+    let admin = app.admin();
+    let id = create(&admin, json!({}))["id"].as_str().unwrap().to_owned();
+    let code = |body: Value| {
+        let r = admin.post_json(&format!("/v1/sandboxes/{id}/code"), &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let r = code(json!({"language": "python", "code": "import math\nx = 40\nprint('set')"}));
+    assert_eq!(r["stdout"], "set\n");
+    assert_eq!(r["status"], "ok");
+    assert_eq!(r["result"], Value::Null);
+    let r = code(json!({"language": "python", "code": "x + 2"}));
+    assert_eq!(r["result"], 42);
+    let r = code(json!({"language": "python", "code": "{'root': math.sqrt(x + 9)}"}));
+    assert_eq!(r["result"], json!({"root": 7.0}));
+    // An error comes back with its traceback; the state survives it.
+    let r =
+        code(json!({"language": "python", "code": "def f():\n    raise ValueError('bad')\nf()"}));
+    assert_eq!(r["status"], "error");
+    let stderr = r["stderr"].as_str().unwrap();
+    assert!(
+        stderr.contains("ValueError: bad") && stderr.contains("<cell>"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("python_kernel") && !stderr.contains(".python-kernel"),
+        "{stderr}"
+    );
+    // A cell past its deadline is interrupted, and the interpreter keeps its state.
+    let r =
+        code(json!({"language": "python", "code": "y = 1\nwhile True: pass", "timeoutMs": 500}));
+    assert_eq!(r["status"], "timeout");
+    let r = code(json!({"language": "python", "code": "(x, y)"}));
+    assert_eq!(r["result"], json!([40, 1]), "{r}");
+    // The interpreter is the sandbox's: exec sees the files it writes.
+    code(json!({"language": "python", "code": "open('/workspace/k.txt', 'w').write('from cell')"}));
+    assert_eq!(
+        exec(&admin, &id, json!({"command": "cat /workspace/k.txt"}))["stdout"],
+        "from cell"
+    );
+    let r = admin.post_json(
+        &format!("/v1/sandboxes/{id}/code"),
+        &json!({"language": "cobol", "code": "x"}),
+    );
+    assert_eq!(
+        assert_error(&r, 400, "INVALID_REQUEST")["error"]["field"],
+        "language"
+    );
+}
