@@ -155,7 +155,7 @@ pub struct ExecRequest {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CodeRequest {
-    /// `python`.
+    /// `python` or `javascript`.
     pub language: String,
     pub code: String,
     #[serde(default)]
@@ -165,7 +165,8 @@ pub struct CodeRequest {
 /// The persistent Python interpreter and the client that talks to it, placed in
 /// every sandbox's read-only `/sandbox`.
 const PYTHON_KERNEL: &str = include_str!("sandboxes_kernels/python_kernel.py");
-const PYTHON_CLIENT: &str = include_str!("sandboxes_kernels/python_client.py");
+const JAVASCRIPT_KERNEL: &str = include_str!("sandboxes_kernels/javascript_kernel.js");
+const CODE_CLIENT: &str = include_str!("sandboxes_kernels/code_client.py");
 
 /// `POST /v1/sandboxes/{id}/timeout`.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -398,8 +399,12 @@ impl SandboxManager {
                     contents: PYTHON_KERNEL.as_bytes().to_vec(),
                 },
                 sandgate_jail::SandboxFile {
-                    name: ".python-client.py".into(),
-                    contents: PYTHON_CLIENT.as_bytes().to_vec(),
+                    name: ".javascript-kernel.js".into(),
+                    contents: JAVASCRIPT_KERNEL.as_bytes().to_vec(),
+                },
+                sandgate_jail::SandboxFile {
+                    name: ".code-client.py".into(),
+                    contents: CODE_CLIENT.as_bytes().to_vec(),
                 },
             ],
             limits: Limits {
@@ -712,10 +717,10 @@ impl SandboxManager {
         id: &str,
         req: CodeRequest,
     ) -> Result<PreparedExec, SandboxError> {
-        if req.language != "python" {
+        if req.language != "python" && req.language != "javascript" {
             return Err(invalid(
                 "language",
-                "persistent interpreters exist for `python`; run other languages with exec",
+                "persistent interpreters exist for `python` and `javascript`",
             )
             .into());
         }
@@ -732,11 +737,14 @@ impl SandboxManager {
                 ..ExecRequest::default()
             },
         )?;
+        let timeout_ms = prepared.spec.limits.timeout.as_millis().to_string();
         prepared.spec.argv = vec![
             "/usr/bin/python3".into(),
             "-s".into(),
             "-B".into(),
-            "/sandbox/.python-client.py".into(),
+            "/sandbox/.code-client.py".into(),
+            req.language,
+            timeout_ms,
         ];
         Ok(prepared)
     }
