@@ -38,6 +38,8 @@ pub struct SandboxLimits {
     pub pids: u32,
     /// Size of each of a sandbox's writable tmpfs mounts.
     pub tmpfs_bytes: u64,
+    /// Sandboxes kept built and waiting, so that a create takes one at once.
+    pub warm_pool: usize,
     pub default_exec_timeout_ms: u64,
     pub max_exec_timeout_ms: u64,
     /// Per stream, per exec.
@@ -56,6 +58,7 @@ impl Default for SandboxLimits {
             max_cpus: 2.0,
             pids: 256,
             tmpfs_bytes: 512 << 20,
+            warm_pool: 8,
             default_exec_timeout_ms: 60_000,
             max_exec_timeout_ms: 3_600_000,
             output_cap_bytes: 1 << 20,
@@ -218,8 +221,8 @@ pub type TextSink = Box<dyn FnMut(OutputStream, &str) -> bool + Send>;
 
 #[async_trait]
 pub trait SandboxStore: Send + Sync + 'static {
-    /// Inserts or replaces a sandbox's record.
-    async fn save_sandbox(&self, record: &SandboxRecord) -> Result<(), StoreError>;
+    /// Inserts or replaces sandbox records, in order, in one transaction.
+    async fn save_sandboxes(&self, records: &[SandboxRecord]) -> Result<(), StoreError>;
     /// Marks every sandbox not already killed as killed (at start-up: whatever a
     /// previous server ran is gone). Returns how many were.
     async fn mark_all_killed(&self, at: Timestamp) -> Result<u64, StoreError>;
@@ -238,8 +241,54 @@ struct Live {
 pub struct SandboxManager {
     jail: Result<Arc<Jail>, String>,
     limits: SandboxLimits,
-    store: Arc<dyn SandboxStore>,
+    /// Records go to the store through one writer, in order and in batches: a
+    /// sandbox's record is history (a restart marks it killed), so requests do
+    /// not wait for a disk flush.
+    records: tokio::sync::mpsc::UnboundedSender<SandboxRecord>,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    warm: Arc<WarmPool>,
+}
+
+/// Built sandboxes nobody owns yet, refilled in the background.
+#[derive(Default)]
+struct WarmPool {
+    ready: Mutex<Vec<sandgate_jail::Sandbox>>,
+    wanted: tokio::sync::Notify,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl WarmPool {
+    fn take(&self) -> Option<sandgate_jail::Sandbox> {
+        let s = self.ready.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        self.wanted.notify_one();
+        s
+    }
+
+    /// Keeps `size` sandboxes ready until closed.
+    async fn fill(self: Arc<Self>, jail: Arc<Jail>, spec: Spec, size: usize) {
+        use std::sync::atomic::Ordering;
+        loop {
+            while !self.closed.load(Ordering::Relaxed)
+                && self.ready.lock().unwrap_or_else(|p| p.into_inner()).len() < size
+            {
+                let (jail, spec) = (Arc::clone(&jail), spec.clone());
+                match tokio::task::spawn_blocking(move || jail.create_sandbox(&spec)).await {
+                    Ok(Ok(s)) if self.closed.load(Ordering::Relaxed) => {
+                        let _ = tokio::task::spawn_blocking(move || drop(s)).await;
+                    }
+                    Ok(Ok(s)) => self.ready.lock().unwrap_or_else(|p| p.into_inner()).push(s),
+                    other => {
+                        tracing::warn!(error = ?other.err(), "could not warm a sandbox");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            if self.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            self.wanted.notified().await;
+        }
+    }
 }
 
 impl std::fmt::Debug for SandboxManager {
@@ -267,16 +316,38 @@ impl SandboxManager {
                 "marked sandboxes of a previous run as killed"
             );
         }
+        let (records, mut queue) = tokio::sync::mpsc::unbounded_channel::<SandboxRecord>();
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while queue.recv_many(&mut batch, 256).await > 0 {
+                if let Err(e) = store.save_sandboxes(&batch).await {
+                    tracing::error!(error = %e, records = batch.len(), "could not record sandboxes");
+                }
+                batch.clear();
+            }
+        });
+        let warm = Arc::new(WarmPool::default());
+        if let (Ok(jail), true) = (&jail, limits.warm_pool > 0) {
+            let spec = sandbox_spec(&limits, limits.default_memory_mb, limits.default_cpus);
+            tokio::spawn(Arc::clone(&warm).fill(Arc::clone(jail), spec, limits.warm_pool));
+        }
         Ok(SandboxManager {
             jail,
             limits,
-            store,
+            records,
             live: Mutex::new(HashMap::new()),
+            warm,
         })
     }
 
     pub fn limits(&self) -> &SandboxLimits {
         &self.limits
+    }
+
+    fn record(&self, record: SandboxRecord) {
+        if self.records.send(record).is_err() {
+            tracing::error!("the sandbox record writer is gone");
+        }
     }
 
     fn jail(&self) -> Result<Arc<Jail>, SandboxError> {
@@ -392,34 +463,21 @@ impl SandboxManager {
             }
             live.insert(id.clone(), Arc::clone(&placeholder));
         }
-        let spec = Spec {
-            files: vec![
-                sandgate_jail::SandboxFile {
-                    name: ".python-kernel.py".into(),
-                    contents: PYTHON_KERNEL.as_bytes().to_vec(),
-                },
-                sandgate_jail::SandboxFile {
-                    name: ".javascript-kernel.js".into(),
-                    contents: JAVASCRIPT_KERNEL.as_bytes().to_vec(),
-                },
-                sandgate_jail::SandboxFile {
-                    name: ".code-client.py".into(),
-                    contents: CODE_CLIENT.as_bytes().to_vec(),
-                },
-            ],
-            limits: Limits {
-                memory_bytes: memory_mb << 20,
-                pids: l.pids,
-                cpu_millicores: (cpus * 1000.0).round() as u32,
-                tmpfs_bytes: l.tmpfs_bytes,
-                ..Limits::default()
+        // A warm sandbox when there is one (given the asked limits), else a new one.
+        let sandbox = match self.warm.take() {
+            Some(warm) => match warm.set_limits(memory_mb << 20, (cpus * 1000.0).round() as u32) {
+                Ok(()) => Ok(warm),
+                Err(e) => Err(e),
             },
-            ..Spec::default()
+            None => {
+                let spec = sandbox_spec(l, memory_mb, cpus);
+                tokio::task::spawn_blocking(move || jail.create_sandbox(&spec))
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))
+                    .and_then(|r| r)
+            }
         };
-        let built = tokio::task::spawn_blocking(move || jail.create_sandbox(&spec))
-            .await
-            .map_err(|e| io::Error::other(e.to_string()));
-        let sandbox = match built.and_then(|r| r) {
+        let sandbox = match sandbox {
             Ok(s) => s,
             Err(e) => {
                 self.live().remove(&id);
@@ -427,10 +485,7 @@ impl SandboxManager {
             }
         };
         *placeholder.jail.write().unwrap_or_else(|p| p.into_inner()) = Some(sandbox);
-        if let Err(e) = self.store.save_sandbox(&record).await {
-            self.kill_live(&id).await;
-            return Err(e.into());
-        }
+        self.record(record.clone());
         Ok(record.view)
     }
 
@@ -515,9 +570,7 @@ impl SandboxManager {
             r.view.state = SandboxState::Killed;
             r.clone()
         };
-        if let Err(e) = self.store.save_sandbox(&record).await {
-            tracing::error!(sandbox = %id, error = %e, "could not record a killed sandbox");
-        }
+        self.record(record.clone());
         let seconds = (Timestamp::now().millis() - record.view.created_at.millis()).max(0) / 1000;
         vec![(owner, seconds as u64)]
     }
@@ -546,8 +599,16 @@ impl SandboxManager {
         reaped
     }
 
-    /// Kills every sandbox (server shutdown).
+    /// Kills every sandbox (server shutdown), the warm ones included.
     pub async fn kill_all(&self) -> Reaped {
+        self.warm
+            .closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let warm: Vec<_> =
+            std::mem::take(&mut *self.warm.ready.lock().unwrap_or_else(|p| p.into_inner()));
+        if !warm.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || drop(warm)).await;
+        }
         let ids: Vec<String> = self.live().keys().cloned().collect();
         let mut reaped = Vec::new();
         for id in ids {
@@ -580,7 +641,7 @@ impl SandboxManager {
                 Timestamp::from_millis(Timestamp::now().millis() + timeout_sec as i64 * 1000);
             r.clone()
         };
-        self.store.save_sandbox(&record).await?;
+        self.record(record.clone());
         Ok(record.view)
     }
 
@@ -615,7 +676,7 @@ impl SandboxManager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        self.store.save_sandbox(&record).await?;
+        self.record(record.clone());
         Ok(record.view)
     }
 
@@ -849,6 +910,34 @@ impl SandboxManager {
         check_path(&path)?;
         self.with_sandbox(caller, id, move |s| s.remove_path(&path))
             .await
+    }
+}
+
+/// What every sandbox is built from: the interpreters' files, and limits.
+fn sandbox_spec(l: &SandboxLimits, memory_mb: u64, cpus: f64) -> Spec {
+    Spec {
+        files: vec![
+            sandgate_jail::SandboxFile {
+                name: ".python-kernel.py".into(),
+                contents: PYTHON_KERNEL.as_bytes().to_vec(),
+            },
+            sandgate_jail::SandboxFile {
+                name: ".javascript-kernel.js".into(),
+                contents: JAVASCRIPT_KERNEL.as_bytes().to_vec(),
+            },
+            sandgate_jail::SandboxFile {
+                name: ".code-client.py".into(),
+                contents: CODE_CLIENT.as_bytes().to_vec(),
+            },
+        ],
+        limits: Limits {
+            memory_bytes: memory_mb << 20,
+            pids: l.pids,
+            cpu_millicores: (cpus * 1000.0).round() as u32,
+            tmpfs_bytes: l.tmpfs_bytes,
+            ..Limits::default()
+        },
+        ..Spec::default()
     }
 }
 

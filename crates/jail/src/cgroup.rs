@@ -119,6 +119,31 @@ impl Group {
             .1
     }
 
+    /// New memory and CPU limits for a live group. Memory+swap moves first when
+    /// growing and last when shrinking (it may never be below the memory limit).
+    pub(crate) fn set_memory_and_cpu(
+        &self,
+        memory_bytes: u64,
+        cpu_millicores: u32,
+    ) -> io::Result<()> {
+        let memory = self.dir("memory");
+        let memsw = memory.join("memory.memsw.limit_in_bytes");
+        let current = read_u64(memory, "memory.limit_in_bytes").unwrap_or(0);
+        let growing = memory_bytes >= current;
+        if growing && memsw.exists() {
+            fs::write(&memsw, memory_bytes.to_string())?;
+        }
+        write(memory, "memory.limit_in_bytes", memory_bytes)?;
+        if !growing && memsw.exists() {
+            fs::write(&memsw, memory_bytes.to_string())?;
+        }
+        write(
+            self.dir("cpu"),
+            "cpu.cfs_quota_us",
+            (u64::from(cpu_millicores) * 100).max(1_000),
+        )
+    }
+
     fn write_limits(&self, limits: GroupLimits) -> io::Result<()> {
         let memory = self.dir("memory");
         write(memory, "memory.limit_in_bytes", limits.memory_bytes)?;

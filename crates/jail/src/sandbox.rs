@@ -333,6 +333,15 @@ impl Sandbox {
         self.created.elapsed()
     }
 
+    /// Changes the memory and CPU limits of everything inside (a warm sandbox
+    /// taken from a pool gets the limits its creator asked for).
+    pub fn set_limits(&self, memory_bytes: u64, cpu_millicores: u32) -> io::Result<()> {
+        match &self.group {
+            Some(g) => g.set_memory_and_cpu(memory_bytes, cpu_millicores),
+            None => Err(io::Error::other("the sandbox is gone")),
+        }
+    }
+
     /// Freezes (`true`) or thaws every process in the sandbox.
     pub fn set_frozen(&self, frozen: bool) -> io::Result<()> {
         match &self.group {

@@ -796,18 +796,27 @@ impl UsageStore for SqliteStore {
 
 #[async_trait]
 impl crate::sandboxes::SandboxStore for SqliteStore {
-    async fn save_sandbox(
+    async fn save_sandboxes(
         &self,
-        record: &crate::sandboxes::SandboxRecord,
+        records: &[crate::sandboxes::SandboxRecord],
     ) -> Result<(), StoreError> {
-        let view =
-            serde_json::to_string(&record.view).map_err(|e| StoreError::Database(e.to_string()))?;
-        let r = record.clone();
+        let rows = records
+            .iter()
+            .map(|r| {
+                serde_json::to_string(&r.view)
+                    .map(|view| (r.clone(), view))
+                    .map_err(|e| StoreError::Database(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         self.write(move |tx| {
-            tx.execute(
-                "INSERT OR REPLACE INTO sandboxes (id, tenant, env, key_id, state, created_at, \
-                 expires_at, view) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO sandboxes (id, tenant, env, key_id, state, \
+                     created_at, expires_at, view) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(db)?;
+            for (r, view) in &rows {
+                stmt.execute(params![
                     r.view.id,
                     r.tenant,
                     r.env.as_str(),
@@ -816,9 +825,9 @@ impl crate::sandboxes::SandboxStore for SqliteStore {
                     r.view.created_at.millis(),
                     r.view.expires_at.millis(),
                     view,
-                ],
-            )
-            .map_err(db)?;
+                ])
+                .map_err(db)?;
+            }
             Ok(())
         })
         .await
