@@ -17,6 +17,10 @@ pub enum CredentialSource {
     StoredKey,
     /// A key from `SANDGATE_ADMIN_API_KEY` or `SANDGATE_API_KEYS`.
     EnvKey,
+    /// A credential the auth callback allowed (SPEC §8).
+    Callback,
+    /// Auth mode `none`: nobody is authenticated, everybody is this principal.
+    Open,
     /// The local operator running `sandgate keys --data-dir` (no credential at all).
     LocalOperator,
 }
@@ -68,6 +72,17 @@ impl Principal {
             expires_at: None,
             quota_id: None,
             usage: None,
+        }
+    }
+
+    /// Everybody, when authentication is off (auth mode `none`): tenant `default`,
+    /// env `live`, every scope.
+    pub fn open() -> Principal {
+        Principal {
+            key_id: "open_mode".into(),
+            name: "anyone (authentication is off)".into(),
+            source: CredentialSource::Open,
+            ..Principal::local_operator()
         }
     }
 

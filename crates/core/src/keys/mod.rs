@@ -2,6 +2,7 @@
 //! manages them.
 
 pub mod api;
+pub mod callback;
 pub mod env_keys;
 pub mod format;
 pub mod review;
