@@ -8,21 +8,23 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::extract::{Extension, MatchedPath, Request, State};
+use axum::extract::{Extension, MatchedPath, OriginalUri, Request, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use sandgate_core::keys::callback::callback_key_id;
 use sandgate_core::keys::service::auth_row;
 use sandgate_core::keys::{AuthFailure, RequestContext, format};
 use sandgate_core::limits::RateDecision;
 use sandgate_core::model::{Outcome, Timestamp};
 use sandgate_core::principal::Principal;
 
+use crate::callback::{Call, Decision, Presented};
 use crate::error::ApiError;
 use crate::extract::{Caller, Ctx};
 use crate::request::RequestInfo;
 use crate::routes::{Access, Policy};
-use crate::state::AppState;
+use crate::state::{AppState, AuthMode};
 
 pub async fn authorize(
     State(state): State<AppState>,
@@ -55,12 +57,24 @@ pub async fn authorize(
         return ApiError::rate_limited(retry_after).into_response();
     }
     let ctx = RequestContext {
-        request_id: Some(info.request_id),
+        request_id: Some(info.request_id.clone()),
         client_ip: Some(ip_subject),
         method: Some(req.method().to_string()),
         path: Some(req.uri().path().to_owned()),
     };
-    let principal = match decide(&state, req.headers(), access, info.client_ip).await {
+    let route = route.unwrap_or_default().to_owned();
+    // The path as the client sent it, before any nesting stripped a prefix.
+    let path = req
+        .extensions()
+        .get::<OriginalUri>()
+        .map_or_else(|| req.uri().path().to_owned(), |uri| uri.path().to_owned());
+    let call = Call {
+        method: req.method().as_str(),
+        path: &path,
+        route: &route,
+        request_id: &info.request_id,
+    };
+    let principal = match decide(&state, req.headers(), &call, access, info.client_ip).await {
         Ok(principal) => principal,
         Err(refusal) => return refuse(&state, &ctx, req.headers(), refusal).await,
     };
@@ -123,16 +137,17 @@ async fn refuse(
     {
         state.auth_failures().count(ip, limit);
     }
-    state
-        .audit()
-        .record(auth_row(
-            ctx,
-            refusal.key.as_deref(),
-            presented.and_then(format::prefix_of),
-            Outcome::Denied,
-            Some(refusal.reason),
-        ))
-        .await;
+    let mut row = auth_row(
+        ctx,
+        refusal.key.as_deref(),
+        presented.and_then(format::prefix_of),
+        Outcome::Denied,
+        Some(refusal.reason),
+    );
+    if row.key_id.is_none() {
+        row.key_id = refusal.subject;
+    }
+    state.audit().record(row).await;
     refusal.error.into_response()
 }
 
@@ -150,6 +165,8 @@ struct Refusal {
     key: Option<Arc<Principal>>,
     /// An invalid credential (not a valid key refused for scope, IP or rate).
     counts_as_bad_credential: bool,
+    /// The audit row's key id when there is no key: a credential's fingerprint.
+    subject: Option<String>,
 }
 
 impl Refusal {
@@ -159,7 +176,12 @@ impl Refusal {
             reason,
             key,
             counts_as_bad_credential: false,
+            subject: None,
         }
+    }
+
+    fn subject(self, subject: Option<String>) -> Refusal {
+        Refusal { subject, ..self }
     }
 
     fn bad_credential(
@@ -177,6 +199,7 @@ impl Refusal {
 async fn decide(
     state: &AppState,
     headers: &HeaderMap,
+    call: &Call<'_>,
     access: Access,
     client_ip: IpAddr,
 ) -> Result<Arc<Principal>, Refusal> {
@@ -188,43 +211,9 @@ async fn decide(
             None,
         ));
     }
-    let Some(credential) = credential(headers) else {
-        return Err(Refusal::new(
-            ApiError::unauthorized(
-                "Missing API key: send Authorization: Bearer <key> or X-API-Key",
-            ),
-            "missing_credential",
-            None,
-        ));
-    };
-    // Sources in order, first match wins: stored keys, then environment keys.
-    let principal = match state.keys().verify(credential).await {
-        Ok(Some(p)) => p,
-        Ok(None) => state.env_keys().verify(credential).ok_or_else(|| {
-            Refusal::bad_credential(
-                ApiError::unauthorized("Invalid API key"),
-                "unknown_credential",
-                None,
-            )
-        })?,
-        Err(denied) => match denied.failure {
-            AuthFailure::Expired | AuthFailure::Revoked => {
-                return Err(Refusal::bad_credential(
-                    ApiError::key_expired(),
-                    denied.failure.reason(),
-                    denied.key,
-                ));
-            }
-            AuthFailure::Malformed | AuthFailure::Unknown => {
-                state.env_keys().verify(credential).ok_or_else(|| {
-                    Refusal::bad_credential(
-                        ApiError::unauthorized("Invalid API key"),
-                        denied.failure.reason(),
-                        None,
-                    )
-                })?
-            }
-        },
+    let principal = match state.config().auth_mode {
+        AuthMode::Open => Arc::clone(state.open_principal()),
+        AuthMode::Keys => authenticate(state, headers, call).await?,
     };
     if !principal.allowed_ips.is_empty()
         && !principal.allowed_ips.iter().any(|n| n.contains(client_ip))
@@ -247,21 +236,105 @@ async fn decide(
     Ok(principal)
 }
 
+/// The credential's principal, from the sources in SPEC §8 order, first match wins:
+/// stored keys, environment keys, then the auth callback.
+async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    call: &Call<'_>,
+) -> Result<Arc<Principal>, Refusal> {
+    let Some(presented) = presented(headers) else {
+        return Err(Refusal::new(
+            ApiError::unauthorized(
+                "Missing API key: send Authorization: Bearer <key> or X-API-Key",
+            ),
+            "missing_credential",
+            None,
+        ));
+    };
+    let credential = presented.credential();
+    let unknown_reason = match state.keys().verify(credential).await {
+        Ok(Some(p)) => return Ok(p),
+        Ok(None) => "unknown_credential",
+        Err(denied) => match denied.failure {
+            AuthFailure::Expired | AuthFailure::Revoked => {
+                return Err(Refusal::bad_credential(
+                    ApiError::key_expired(),
+                    denied.failure.reason(),
+                    denied.key,
+                ));
+            }
+            AuthFailure::Malformed | AuthFailure::Unknown => denied.failure.reason(),
+        },
+    };
+    if let Some(p) = state.env_keys().verify(credential) {
+        return Ok(p);
+    }
+    let Some(callback) = state.auth_callback() else {
+        return Err(Refusal::bad_credential(
+            ApiError::unauthorized("Invalid API key"),
+            unknown_reason,
+            None,
+        ));
+    };
+    let subject = || Some(callback_key_id(credential));
+    match callback.decide(presented, call).await {
+        Ok(Decision::Allowed(p)) => Ok(p),
+        Ok(Decision::Denied { status }) => {
+            tracing::debug!(status, "the auth callback refused a credential");
+            Err(Refusal::bad_credential(
+                ApiError::unauthorized("Invalid credential"),
+                "callback_denied",
+                None,
+            )
+            .subject(subject()))
+        }
+        Ok(Decision::InvalidGrant(e)) => {
+            tracing::warn!(request_id = %call.request_id, error = %e, "auth callback reply refused");
+            Err(Refusal::new(
+                ApiError::unauthorized("Invalid credential"),
+                "callback_invalid_grant",
+                None,
+            )
+            .subject(subject()))
+        }
+        Err(failed) => {
+            tracing::error!(
+                request_id = %call.request_id,
+                callback = %callback.display_url(),
+                error = %failed.cause,
+                "auth callback failed"
+            );
+            Err(
+                Refusal::new(ApiError::auth_callback_failed(), failed.reason(), None)
+                    .subject(subject()),
+            )
+        }
+    }
+}
+
 /// The presented credential: a Bearer token wins over `X-API-Key`.
 pub fn credential(headers: &HeaderMap) -> Option<&str> {
+    presented(headers).map(Presented::credential)
+}
+
+/// The presented credential and the header it came in.
+pub fn presented(headers: &HeaderMap) -> Option<Presented<'_>> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
-        .filter(|t| !t.is_empty());
+        .filter(|t| !t.is_empty())
+        .map(Presented::Bearer);
     bearer.or_else(|| {
         headers
             .get("x-api-key")
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|t| !t.is_empty())
+            .map(Presented::ApiKey)
     })
 }
 

@@ -139,6 +139,16 @@ impl ApiError {
         )
     }
 
+    /// The auth callback could not be asked (unreachable, timed out); the cause is
+    /// logged by the caller, the client learns only the SPEC code.
+    pub fn auth_callback_failed() -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "AUTH_CALLBACK_FAILED",
+            "authentication callback failed",
+        )
+    }
+
     /// Logs `cause` with the request id; the client learns nothing of it.
     pub fn internal(cause: impl std::fmt::Display) -> ApiError {
         tracing::error!(request_id = %current_request_id(), error = %cause, "internal error");

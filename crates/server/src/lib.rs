@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 
 pub mod auth;
 mod body;
+pub mod callback;
 pub mod error;
 pub mod extract;
 pub mod handlers;
@@ -29,7 +30,8 @@ pub mod request;
 pub mod routes;
 pub mod state;
 
-pub use state::{AppState, ServerConfig};
+pub use callback::AuthCallbackConfig;
+pub use state::{AppState, AuthMode, ServerConfig};
 
 use crate::error::ApiError;
 use crate::handlers::meta::OpenApiDoc;

@@ -170,7 +170,7 @@ pub fn table() -> RouteTable {
         .add(
             get("/readyz", Public, "readyz")
                 .summary("200 when storage answers")
-                .returns::<meta::Health>(200),
+                .returns::<meta::Readiness>(200),
             meta::readyz,
         )
         .add(

@@ -16,7 +16,36 @@ use sandgate_core::sandboxes::{SandboxLimits, SandboxManager, SandboxStore};
 use sandgate_core::store::{AuditStore, KeyStore, SqliteStore, StoreError, UsageStore};
 use sandgate_core::usage::UsageRecorder;
 
+use sandgate_core::principal::Principal;
+
+use crate::callback::{AuthCallback, AuthCallbackConfig};
 use crate::metrics::Metrics;
+
+/// Whether requests are authenticated at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuthMode {
+    /// `keys`: every request needs a credential some source knows.
+    #[default]
+    Keys,
+    /// `none`: authentication is off; everybody is tenant `default`, env `live`,
+    /// with every scope. For local development only.
+    Open,
+}
+
+impl std::str::FromStr for AuthMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<AuthMode, String> {
+        match s {
+            "keys" => Ok(AuthMode::Keys),
+            "none" => Ok(AuthMode::Open),
+            other => Err(format!("auth mode must be `keys` or `none`, not `{other}`")),
+        }
+    }
+}
+
+/// What `/readyz` and the start-up log say while authentication is off.
+pub const AUTH_OFF_WARNING: &str =
+    "authentication is off (auth mode none): every request is allowed with every scope";
 
 /// What the server needs to know to run; the binary builds it from env, file and flags.
 #[derive(Debug, Clone)]
@@ -43,6 +72,10 @@ pub struct ServerConfig {
     pub env_admin_key: Option<SecretKey>,
     /// `SANDGATE_API_KEYS`: keys with the `sandbox-user` profile.
     pub env_api_keys: Vec<SecretKey>,
+    /// `keys` (the default) or `none`.
+    pub auth_mode: AuthMode,
+    /// The last credential source, when configured: delegates the decision.
+    pub auth_callback: Option<AuthCallbackConfig>,
     /// Bounds on runs and the server-wide cap on simultaneous runs.
     pub exec_limits: ExecLimits,
     /// How programs are jailed on this machine.
@@ -70,6 +103,8 @@ impl ServerConfig {
             }),
             env_admin_key: None,
             env_api_keys: Vec::new(),
+            auth_mode: AuthMode::Keys,
+            auth_callback: None,
             exec_limits: ExecLimits::default(),
             jail: JailConfig::default(),
             sandbox_limits: SandboxLimits::default(),
@@ -101,6 +136,9 @@ struct Inner {
     usage: UsageRecorder,
     usage_store: Arc<dyn UsageStore>,
     env_keys: EnvKeys,
+    auth_callback: Option<AuthCallback>,
+    /// Who everybody is in auth mode `none`.
+    open_principal: Arc<Principal>,
     executor: Executor,
     sandboxes: SandboxManager,
 }
@@ -117,6 +155,13 @@ impl AppState {
         let keys = KeyService::load(key_store).await?;
         let audit = AuditLog::start(Arc::clone(&audit_store));
         let env_keys = EnvKeys::new(config.env_admin_key.as_ref(), &config.env_api_keys);
+        let auth_callback = config.auth_callback.as_ref().map(AuthCallback::new);
+        if config.auth_mode == AuthMode::Open {
+            tracing::warn!("{AUTH_OFF_WARNING}; never expose this server to untrusted clients");
+            if auth_callback.is_some() {
+                tracing::warn!("auth mode none: the auth callback is ignored");
+            }
+        }
         let jail = sandgate_jail::Jail::new(config.jail.clone())
             .map(Arc::new)
             .map_err(|e| e.to_string());
@@ -131,6 +176,8 @@ impl AppState {
             executor,
             sandboxes,
             env_keys,
+            auth_callback,
+            open_principal: Arc::new(Principal::open()),
             config,
             keys,
             audit,
@@ -175,13 +222,35 @@ impl AppState {
         &self.0.env_keys
     }
 
+    pub fn auth_callback(&self) -> Option<&AuthCallback> {
+        self.0.auth_callback.as_ref()
+    }
+
+    pub fn open_principal(&self) -> &Arc<Principal> {
+        &self.0.open_principal
+    }
+
     /// The credential sources in use, in the order they are checked.
-    pub fn credential_sources(&self) -> Vec<&'static str> {
-        let mut sources = vec!["stored API keys"];
+    pub fn credential_sources(&self) -> Vec<String> {
+        if self.0.config.auth_mode == AuthMode::Open {
+            return vec!["none (authentication is off)".to_owned()];
+        }
+        let mut sources = vec!["stored API keys".to_owned()];
         if !self.0.env_keys.is_empty() {
-            sources.push("environment keys");
+            sources.push("environment keys".to_owned());
+        }
+        if let Some(callback) = &self.0.auth_callback {
+            sources.push(format!("auth callback {}", callback.display_url()));
         }
         sources
+    }
+
+    /// What an operator must know about this server's configuration (`/readyz`).
+    pub fn warnings(&self) -> Vec<&'static str> {
+        match self.0.config.auth_mode {
+            AuthMode::Open => vec![AUTH_OFF_WARNING],
+            AuthMode::Keys => Vec::new(),
+        }
     }
 
     pub fn executor(&self) -> &Executor {

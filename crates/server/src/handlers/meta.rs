@@ -21,15 +21,32 @@ pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Readiness {
+    pub status: &'static str,
+    /// What the operator must know about this server's configuration, such as
+    /// "authentication is off"; absent when there is nothing to say.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<&'static str>,
+}
+
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let warnings = state.warnings();
     match state.audit_store().ping().await {
-        Ok(()) => (StatusCode::OK, Json(Health { status: "ok" })),
+        Ok(()) => (
+            StatusCode::OK,
+            Json(Readiness {
+                status: "ok",
+                warnings,
+            }),
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "storage is not ready");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(Health {
+                Json(Readiness {
                     status: "storage unavailable",
+                    warnings,
                 }),
             )
         }

@@ -1,6 +1,7 @@
 //! The HTTP API, driven through a real server on port 0.
 
 mod audit;
+mod callback;
 mod common;
 mod containment;
 mod errors;
