@@ -3,11 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use sandgate_core::keys::format::SecretKey;
 use sandgate_core::net::IpNet;
-use sandgate_server::{ServerConfig, TlsFiles};
+use sandgate_server::{AuthCallbackConfig, AuthMode, ServerConfig, TlsFiles};
 use serde::Deserialize;
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
@@ -25,6 +26,14 @@ pub struct Layer {
     pub log: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// `keys` (default) or `none`.
+    pub auth_mode: Option<String>,
+    /// In auth mode `none`, listen on a non-loopback address anyway.
+    pub allow_open_on_public: Option<bool>,
+    pub auth_callback_url: Option<String>,
+    pub auth_callback_timeout_ms: Option<u64>,
+    /// Cache the callback's "yes" this long; absent or 0: no cache.
+    pub auth_callback_cache_ttl_ms: Option<u64>,
 }
 
 impl Layer {
@@ -32,6 +41,15 @@ impl Layer {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let list =
             |name: &str| var(name).map(|v| v.split(',').map(|s| s.trim().to_owned()).collect());
+        let millis = |name: &str| {
+            var(name)
+                .map(|v| {
+                    v.trim()
+                        .parse::<u64>()
+                        .with_context(|| format!("{name} must be a number of milliseconds"))
+                })
+                .transpose()
+        };
         Ok(Layer {
             addr: var("SANDGATE_ADDR"),
             data_dir: var("SANDGATE_DATA_DIR").map(PathBuf::from),
@@ -46,6 +64,17 @@ impl Layer {
             log: var("SANDGATE_LOG"),
             tls_cert: var("SANDGATE_TLS_CERT").map(PathBuf::from),
             tls_key: var("SANDGATE_TLS_KEY").map(PathBuf::from),
+            auth_mode: var("SANDGATE_AUTH_MODE"),
+            allow_open_on_public: var("SANDGATE_ALLOW_OPEN_ON_PUBLIC")
+                .map(|v| match v.trim() {
+                    "1" | "true" => Ok(true),
+                    "0" | "false" => Ok(false),
+                    _ => bail!("SANDGATE_ALLOW_OPEN_ON_PUBLIC must be 1/true or 0/false"),
+                })
+                .transpose()?,
+            auth_callback_url: var("SANDGATE_AUTH_CALLBACK_URL"),
+            auth_callback_timeout_ms: millis("SANDGATE_AUTH_CALLBACK_TIMEOUT_MS")?,
+            auth_callback_cache_ttl_ms: millis("SANDGATE_AUTH_CALLBACK_CACHE_TTL_MS")?,
         })
     }
 
@@ -65,6 +94,15 @@ impl Layer {
             log: self.log.or(below.log),
             tls_cert: self.tls_cert.or(below.tls_cert),
             tls_key: self.tls_key.or(below.tls_key),
+            auth_mode: self.auth_mode.or(below.auth_mode),
+            allow_open_on_public: self.allow_open_on_public.or(below.allow_open_on_public),
+            auth_callback_url: self.auth_callback_url.or(below.auth_callback_url),
+            auth_callback_timeout_ms: self
+                .auth_callback_timeout_ms
+                .or(below.auth_callback_timeout_ms),
+            auth_callback_cache_ttl_ms: self
+                .auth_callback_cache_ttl_ms
+                .or(below.auth_callback_cache_ttl_ms),
         }
     }
 }
@@ -113,6 +151,39 @@ pub fn resolve(env: Layer, file: Option<Layer>, flags: Layer) -> Result<Settings
         .filter(|k| !k.is_empty())
         .map(|k| SecretKey::new(k.to_owned()))
         .collect();
+    server.auth_mode = match &merged.auth_mode {
+        Some(mode) => mode.trim().parse().map_err(anyhow::Error::msg)?,
+        None => AuthMode::Keys,
+    };
+    if server.auth_mode == AuthMode::Open
+        && !addr.ip().is_loopback()
+        && !merged.allow_open_on_public.unwrap_or(false)
+    {
+        bail!(
+            "auth mode `none` turns authentication off, so anyone who can reach {addr} could do \
+             everything; refusing to listen on a non-loopback address. Listen on 127.0.0.1, or \
+             pass --allow-open-on-public if that is really wanted"
+        );
+    }
+    server.auth_callback = match merged.auth_callback_url {
+        Some(url) => {
+            let url = url.trim().to_owned();
+            sandgate_server::callback::check_url(&url).map_err(anyhow::Error::msg)?;
+            let mut callback = AuthCallbackConfig::new(url);
+            if let Some(ms) = merged.auth_callback_timeout_ms {
+                if ms == 0 {
+                    bail!("auth_callback_timeout_ms must be positive");
+                }
+                callback.timeout = Duration::from_millis(ms);
+            }
+            callback.cache_ttl = merged
+                .auth_callback_cache_ttl_ms
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis);
+            Some(callback)
+        }
+        None => None,
+    };
     let tls = match (merged.tls_cert, merged.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
         (None, None) => None,
@@ -194,5 +265,77 @@ mod tests {
             ..Layer::default()
         };
         assert!(resolve(half, None, Layer::default()).is_err());
+    }
+
+    #[test]
+    fn open_mode_stays_on_loopback_unless_told() {
+        let open = |addr: &str, allow: Option<bool>| Layer {
+            addr: Some(addr.into()),
+            auth_mode: Some("none".into()),
+            allow_open_on_public: allow,
+            ..Layer::default()
+        };
+        let s = resolve(Layer::default(), None, open("127.0.0.1:0", None)).unwrap();
+        assert_eq!(s.server.auth_mode, AuthMode::Open);
+        assert!(resolve(Layer::default(), None, open("[::1]:0", None)).is_ok());
+        let e = resolve(Layer::default(), None, open("0.0.0.0:0", None)).unwrap_err();
+        assert!(e.to_string().contains("--allow-open-on-public"), "{e}");
+        assert!(resolve(Layer::default(), None, open("0.0.0.0:0", Some(true))).is_ok());
+        let keys = Layer {
+            addr: Some("0.0.0.0:0".into()),
+            auth_mode: Some("keys".into()),
+            ..Layer::default()
+        };
+        assert_eq!(
+            resolve(keys, None, Layer::default())
+                .unwrap()
+                .server
+                .auth_mode,
+            AuthMode::Keys
+        );
+        let bad = Layer {
+            auth_mode: Some("off".into()),
+            ..Layer::default()
+        };
+        assert!(resolve(bad, None, Layer::default()).is_err());
+    }
+
+    #[test]
+    fn auth_callback_settings_layer_like_the_others() {
+        let env = Layer {
+            auth_callback_url: Some("http://127.0.0.1:9/env".into()),
+            auth_callback_timeout_ms: Some(500),
+            ..Layer::default()
+        };
+        let file: Layer = toml::from_str(
+            "auth_callback_url = \"https://auth.internal/check\"\nauth_callback_cache_ttl_ms = 1000",
+        )
+        .unwrap();
+        let s = resolve(env, Some(file), Layer::default()).unwrap();
+        let callback = s.server.auth_callback.unwrap();
+        assert_eq!(callback.url, "https://auth.internal/check");
+        assert_eq!(callback.timeout, Duration::from_millis(500));
+        assert_eq!(callback.cache_ttl, Some(Duration::from_secs(1)));
+        let flags = Layer {
+            auth_callback_url: Some("http://127.0.0.1:9/flag".into()),
+            ..Layer::default()
+        };
+        let s = resolve(Layer::default(), None, flags).unwrap();
+        let callback = s.server.auth_callback.unwrap();
+        assert_eq!(callback.url, "http://127.0.0.1:9/flag");
+        assert_eq!(callback.timeout, AuthCallbackConfig::DEFAULT_TIMEOUT);
+        assert_eq!(callback.cache_ttl, None);
+        assert!(
+            resolve(Layer::default(), None, Layer::default())
+                .unwrap()
+                .server
+                .auth_callback
+                .is_none()
+        );
+        let bad = Layer {
+            auth_callback_url: Some("auth.internal/check".into()),
+            ..Layer::default()
+        };
+        assert!(resolve(bad, None, Layer::default()).is_err());
     }
 }

@@ -32,6 +32,15 @@ pub struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long)]
     tls_key: Option<PathBuf>,
+    /// `keys` (default) or `none`: authentication off, for local development only.
+    #[arg(long)]
+    auth_mode: Option<String>,
+    /// With --auth-mode none, listen on a non-loopback address anyway.
+    #[arg(long)]
+    allow_open_on_public: bool,
+    /// Delegate the decision on credentials no other source knows to this URL.
+    #[arg(long)]
+    auth_callback_url: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
@@ -42,6 +51,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         max_body_bytes: args.max_body_bytes,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
+        auth_mode: args.auth_mode,
+        allow_open_on_public: args.allow_open_on_public.then_some(true),
+        auth_callback_url: args.auth_callback_url,
         ..Layer::default()
     };
     let settings = config::resolve(Layer::from_env()?, file, flags)?;

@@ -807,3 +807,44 @@ fn sandbox_commands_drive_a_sandbox() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 }
+
+#[test]
+fn open_mode_refuses_a_public_address_unless_told() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--auth-mode", "none", "--addr", "0.0.0.0:0"])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .env_remove("SANDGATE_ALLOW_OPEN_ON_PUBLIC")
+        .env_remove("SANDGATE_AUTH_MODE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sandgate serve");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            child.kill().unwrap();
+            panic!("sandgate serve --auth-mode none kept running on 0.0.0.0");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("authentication off") && stderr.contains("--allow-open-on-public"),
+        "{stderr}"
+    );
+    assert!(!data_dir.exists(), "refused before opening the store");
+}
