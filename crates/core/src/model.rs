@@ -1,5 +1,5 @@
 //! Plain data shared by the services and the storage backends: envs, timestamps,
-//! stored key rows and audit rows. No behaviour beyond conversions lives here.
+//! stored key rows, audit rows, webhooks and their deliveries. No behaviour beyond conversions lives here.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::keys::format::KeyHash;
+use crate::keys::format::{KeyHash, SecretKey};
 
 /// The partition a key lives in: `live` and `test` data never meet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -219,6 +219,65 @@ pub struct AuditQuery {
     /// Rows with `seq` below this (newest first).
     pub before_seq: Option<i64>,
     pub limit: u32,
+}
+
+/// A registered webhook: where a tenant's events go. The secret is kept as is
+/// (it must sign every delivery) and is never logged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookRecord {
+    pub id: String,
+    /// The tenant and env whose events it receives (those of the key that made it).
+    pub tenant: String,
+    pub env: Env,
+    pub url: String,
+    /// Event types, or `*` for every type.
+    pub events: Vec<String>,
+    pub secret: SecretKey,
+    pub created_at: Timestamp,
+    /// The key that created it.
+    pub created_by: Option<String>,
+}
+
+impl WebhookRecord {
+    pub fn wants(&self, event_type: &str) -> bool {
+        self.events.iter().any(|e| e == "*" || e == event_type)
+    }
+}
+
+/// One event, serialized once: the exact bytes every delivery sends and signs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub id: String,
+    pub event_type: String,
+    pub created_at: Timestamp,
+    /// The JSON body `{"id", "type", "createdAt", "data"}`.
+    pub body: String,
+}
+
+/// A delivery that is due, claimed by a worker, with what it needs to send it.
+#[derive(Debug, Clone)]
+pub struct DueDelivery {
+    pub id: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub body: String,
+    pub url: String,
+    pub secret: SecretKey,
+    /// Attempts made before this one.
+    pub attempts: u32,
+}
+
+/// What one delivery attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryAttempt {
+    pub at: Timestamp,
+    /// The receiver's HTTP status, when it answered.
+    pub status: Option<u16>,
+    /// Why it failed, when it did (no secrets: a status or a transport error).
+    pub error: Option<String>,
+    pub delivered: bool,
+    /// When to try again; `None` = no more attempts (delivered or given up).
+    pub next_attempt_at: Option<Timestamp>,
 }
 
 #[cfg(test)]

@@ -1,13 +1,16 @@
 //! Storage traits, one per kind of state, and their backends.
 //!
-//! Services talk to `dyn KeyStore` / `dyn AuditStore` only; SQL lives in the
+//! Services talk to `dyn KeyStore` / `dyn AuditStore` / `dyn WebhookStore` only; SQL lives in the
 //! backends (`sqlite` today, PostgreSQL later). Every mutating call is one
 //! transaction: a key change and the audit rows that describe it commit together
 //! or not at all. Backends never decide policy.
 
 use async_trait::async_trait;
 
-use crate::model::{AuditQuery, AuditRecord, KeyRecord, QuotaRecord, Timestamp};
+use crate::model::{
+    AuditQuery, AuditRecord, DeliveryAttempt, DueDelivery, Env, EventRecord, KeyRecord,
+    QuotaRecord, Timestamp, WebhookRecord,
+};
 use crate::usage::{UsageQuery, UsageRow};
 
 pub mod sqlite;
@@ -121,4 +124,45 @@ pub trait UsageStore: Send + Sync + 'static {
     async fn add_usage(&self, rows: &[UsageRow]) -> Result<(), StoreError>;
 
     async fn query_usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError>;
+}
+
+#[async_trait]
+pub trait WebhookStore: Send + Sync + 'static {
+    async fn insert_webhook(&self, hook: &WebhookRecord) -> Result<(), StoreError>;
+
+    /// The webhooks of one tenant and env, oldest first.
+    async fn list_webhooks(&self, tenant: &str, env: Env)
+    -> Result<Vec<WebhookRecord>, StoreError>;
+
+    /// Deletes a webhook of that tenant and env, with its pending deliveries.
+    /// `false` when there is no such webhook there.
+    async fn delete_webhook(&self, tenant: &str, env: Env, id: &str) -> Result<bool, StoreError>;
+
+    /// Writes one delivery, due now, for every webhook of `tenant` + `env` that wants
+    /// the event's type, in one transaction; returns how many. With `once`, a marker
+    /// is recorded in the same transaction and an event whose marker is already there
+    /// is not enqueued again (returns 0).
+    async fn enqueue_event(
+        &self,
+        tenant: &str,
+        env: Env,
+        event: &EventRecord,
+        once: Option<&str>,
+    ) -> Result<usize, StoreError>;
+
+    /// Takes up to `limit` deliveries due at `now` and leases them until `lease_until`
+    /// (a worker that dies mid-delivery leaves them to be retried then).
+    async fn claim_due_deliveries(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<DueDelivery>, StoreError>;
+
+    /// Records one attempt of a delivery.
+    async fn record_attempt(
+        &self,
+        delivery_id: i64,
+        attempt: &DeliveryAttempt,
+    ) -> Result<(), StoreError>;
 }

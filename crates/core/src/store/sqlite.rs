@@ -13,8 +13,13 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 
 use super::{
     AuditStore, Changes, KeyStore, KeyUsage, QuotaChange, QuotaExhausted, StoreError, UsageStore,
+    WebhookStore,
 };
-use crate::model::{AuditQuery, AuditRecord, Env, KeyRecord, Outcome, QuotaRecord, Timestamp};
+use crate::keys::format::SecretKey;
+use crate::model::{
+    AuditQuery, AuditRecord, DeliveryAttempt, DueDelivery, Env, EventRecord, KeyRecord, Outcome,
+    QuotaRecord, Timestamp, WebhookRecord,
+};
 use crate::usage::{UsageCounts, UsageQuery, UsageRow};
 
 /// Schema versions, applied in order; `PRAGMA user_version` says how many ran.
@@ -99,6 +104,37 @@ CREATE TABLE sandboxes (
     view TEXT NOT NULL
 );
 CREATE INDEX sandboxes_state ON sandboxes (state);
+"#,
+    r#"
+CREATE TABLE webhooks (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    env TEXT NOT NULL,
+    url TEXT NOT NULL,
+    events TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    created_by TEXT
+);
+CREATE INDEX webhooks_tenant ON webhooks (tenant, env, created_at);
+CREATE TABLE webhook_deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    webhook_id TEXT NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+    event_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER,
+    last_attempt_at INTEGER,
+    last_status INTEGER,
+    last_error TEXT,
+    created_at INTEGER NOT NULL,
+    delivered_at INTEGER
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
+    WHERE next_attempt_at IS NOT NULL;
+CREATE INDEX webhook_deliveries_hook ON webhook_deliveries (webhook_id);
+CREATE TABLE webhook_once (marker TEXT PRIMARY KEY, created_at INTEGER NOT NULL);
 "#,
 ];
 
@@ -848,6 +884,221 @@ impl crate::sandboxes::SandboxStore for SqliteStore {
     }
 }
 
+const WEBHOOK_COLUMNS: &str = "id, tenant, env, url, events, secret, created_at, created_by";
+
+fn query_webhooks(
+    conn: &Connection,
+    tenant: &str,
+    env: Env,
+) -> Result<Vec<WebhookRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE tenant = ?1 AND env = ?2 \
+             ORDER BY created_at, id"
+        ))
+        .map_err(db)?;
+    let rows = stmt
+        .query_map(params![tenant, env.as_str()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<String>>(7)?,
+            ))
+        })
+        .map_err(db)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(db)?;
+    rows.into_iter()
+        .map(
+            |(id, tenant, env, url, events, secret, created_at, created_by)| {
+                Ok(WebhookRecord {
+                    env: env.parse().map_err(StoreError::Corrupt)?,
+                    events: from_json(&events, "webhook events")?,
+                    secret: SecretKey::new(secret),
+                    created_at: Timestamp::from_millis(created_at),
+                    id,
+                    tenant,
+                    url,
+                    created_by,
+                })
+            },
+        )
+        .collect()
+}
+
+#[async_trait]
+impl WebhookStore for SqliteStore {
+    async fn insert_webhook(&self, hook: &WebhookRecord) -> Result<(), StoreError> {
+        let h = hook.clone();
+        self.write(move |tx| {
+            tx.execute(
+                &format!(
+                    "INSERT INTO webhooks ({WEBHOOK_COLUMNS}) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                ),
+                params![
+                    h.id,
+                    h.tenant,
+                    h.env.as_str(),
+                    h.url,
+                    to_json(&h.events),
+                    h.secret.expose(),
+                    h.created_at.millis(),
+                    h.created_by,
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_webhooks(
+        &self,
+        tenant: &str,
+        env: Env,
+    ) -> Result<Vec<WebhookRecord>, StoreError> {
+        let tenant = tenant.to_owned();
+        self.with_conn(move |conn| query_webhooks(conn, &tenant, env))
+            .await
+    }
+
+    async fn delete_webhook(&self, tenant: &str, env: Env, id: &str) -> Result<bool, StoreError> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        self.write(move |tx| {
+            // Deliveries go with it (ON DELETE CASCADE).
+            let n = tx
+                .execute(
+                    "DELETE FROM webhooks WHERE id = ?1 AND tenant = ?2 AND env = ?3",
+                    params![id, tenant, env.as_str()],
+                )
+                .map_err(db)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn enqueue_event(
+        &self,
+        tenant: &str,
+        env: Env,
+        event: &EventRecord,
+        once: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        let tenant = tenant.to_owned();
+        let event = event.clone();
+        let once = once.map(str::to_owned);
+        self.write(move |tx| {
+            if let Some(marker) = &once {
+                let fresh = tx
+                    .execute(
+                        "INSERT OR IGNORE INTO webhook_once (marker, created_at) VALUES (?1, ?2)",
+                        params![marker, event.created_at.millis()],
+                    )
+                    .map_err(db)?;
+                if fresh == 0 {
+                    return Ok(0);
+                }
+            }
+            let hooks = query_webhooks(tx, &tenant, env)?;
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, body, \
+                     next_attempt_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                )
+                .map_err(db)?;
+            let mut n = 0;
+            for hook in hooks.iter().filter(|h| h.wants(&event.event_type)) {
+                stmt.execute(params![
+                    hook.id,
+                    event.id,
+                    event.event_type,
+                    event.body,
+                    event.created_at.millis(),
+                ])
+                .map_err(db)?;
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn claim_due_deliveries(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<DueDelivery>, StoreError> {
+        self.write(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT d.id, d.event_id, d.event_type, d.body, w.url, w.secret, d.attempts \
+                     FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
+                     WHERE d.next_attempt_at IS NOT NULL AND d.next_attempt_at <= ?1 \
+                     ORDER BY d.next_attempt_at, d.id LIMIT ?2",
+                )
+                .map_err(db)?;
+            let due = stmt
+                .query_map(params![now.millis(), limit as i64], |r| {
+                    Ok(DueDelivery {
+                        id: r.get(0)?,
+                        event_id: r.get(1)?,
+                        event_type: r.get(2)?,
+                        body: r.get(3)?,
+                        url: r.get(4)?,
+                        secret: SecretKey::new(r.get(5)?),
+                        attempts: r.get::<_, i64>(6)?.max(0) as u32,
+                    })
+                })
+                .map_err(db)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(db)?;
+            let mut lease = tx
+                .prepare_cached("UPDATE webhook_deliveries SET next_attempt_at = ?2 WHERE id = ?1")
+                .map_err(db)?;
+            for d in &due {
+                lease
+                    .execute(params![d.id, lease_until.millis()])
+                    .map_err(db)?;
+            }
+            Ok(due)
+        })
+        .await
+    }
+
+    async fn record_attempt(
+        &self,
+        delivery_id: i64,
+        attempt: &DeliveryAttempt,
+    ) -> Result<(), StoreError> {
+        let a = attempt.clone();
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, last_attempt_at = ?2, \
+                 last_status = ?3, last_error = ?4, next_attempt_at = ?5, \
+                 delivered_at = CASE WHEN ?6 THEN ?2 ELSE delivered_at END WHERE id = ?1",
+                params![
+                    delivery_id,
+                    a.at.millis(),
+                    a.status,
+                    a.error,
+                    a.next_attempt_at.map(Timestamp::millis),
+                    a.delivered,
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -883,6 +1134,134 @@ mod tests {
         // A second handle on the same file (a restart) sees the durable count.
         let reopened = SqliteStore::open(dir.path()).unwrap();
         assert_eq!(reopened.get_quota("q").await.unwrap().remaining, Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_claimed_delivery_survives_a_restart_and_is_retried_after_its_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let t0 = Timestamp::from_millis(1_000_000);
+        let hook = |id: &str, tenant: &str, events: &[&str]| WebhookRecord {
+            id: id.into(),
+            tenant: tenant.into(),
+            env: Env::Live,
+            url: "https://example.com/hook".into(),
+            events: events.iter().map(|e| (*e).to_owned()).collect(),
+            secret: SecretKey::new("whsec_test".into()),
+            created_at: t0,
+            created_by: None,
+        };
+        store
+            .insert_webhook(&hook("wh_a", "acme", &["key.created"]))
+            .await
+            .unwrap();
+        store
+            .insert_webhook(&hook("wh_b", "acme", &["key.revoked"]))
+            .await
+            .unwrap();
+        store
+            .insert_webhook(&hook("wh_c", "other", &["*"]))
+            .await
+            .unwrap();
+        let event = EventRecord {
+            id: "evt_1".into(),
+            event_type: "key.created".into(),
+            created_at: t0,
+            body: "{}".into(),
+        };
+        // Only acme's webhook that wants the type gets a delivery.
+        assert_eq!(
+            store
+                .enqueue_event("acme", Env::Live, &event, None)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .enqueue_event("acme", Env::Test, &event, None)
+                .await
+                .unwrap(),
+            0
+        );
+        // A marked event is enqueued once.
+        assert_eq!(
+            store
+                .enqueue_event("other", Env::Live, &event, Some("m"))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .enqueue_event("other", Env::Live, &event, Some("m"))
+                .await
+                .unwrap(),
+            0
+        );
+
+        let lease = t0.plus_secs(30);
+        let claimed = store.claim_due_deliveries(t0, lease, 10).await.unwrap();
+        assert_eq!(claimed.len(), 2);
+        assert!(
+            store
+                .claim_due_deliveries(t0, lease, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        drop(store);
+
+        // "Restart": the leased deliveries come back once the lease ends.
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert!(
+            store
+                .claim_due_deliveries(t0.plus_secs(29), lease, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let again = store
+            .claim_due_deliveries(lease, lease.plus_secs(30), 10)
+            .await
+            .unwrap();
+        assert_eq!(again.len(), 2);
+        assert_eq!(again[0].event_id, "evt_1");
+        let done = DeliveryAttempt {
+            at: lease,
+            status: Some(200),
+            error: None,
+            delivered: true,
+            next_attempt_at: None,
+        };
+        for d in &again {
+            store.record_attempt(d.id, &done).await.unwrap();
+        }
+        let later = lease.plus_secs(3600);
+        assert!(
+            store
+                .claim_due_deliveries(later, later, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Deleting a webhook is scoped to its tenant and env.
+        assert!(
+            !store
+                .delete_webhook("other", Env::Live, "wh_a")
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .delete_webhook("acme", Env::Live, "wh_a")
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.list_webhooks("acme", Env::Live).await.unwrap().len(),
+            1
+        );
     }
 
     #[test]
