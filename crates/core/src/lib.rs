@@ -1,6 +1,7 @@
-//! sandgate's domain: keys and credentials, scopes, principals, audit, and the
-//! storage traits with their backends. No HTTP here: the server crate maps these
-//! types onto routes and status codes.
+//! sandgate's domain: keys and credentials, scopes, principals, audit, webhooks, and the
+//! storage traits with their backends. No HTTP serving here: the server crate maps
+//! these types onto routes and status codes (webhook delivery is the one outgoing
+//! HTTP client).
 
 pub mod audit;
 pub mod execute;
@@ -13,3 +14,4 @@ pub mod sandboxes;
 pub mod scopes;
 pub mod store;
 pub mod usage;
+pub mod webhooks;

@@ -11,7 +11,9 @@
 //! Lifecycle rules live here, not at the HTTP edge: visibility (another tenant's or
 //! env's key is "not found"), no escalation (a key never grants or manages more
 //! than it holds), rotation grace, and an audit event for every change, written in
-//! the same transaction as the change.
+//! the same transaction as the change. Once a change is committed it is announced
+//! to the [`EventSink`] (webhooks), with the key object as data (never the key or
+//! its hash).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -29,6 +31,7 @@ use crate::net::IpNet;
 use crate::principal::{CredentialSource, Principal, UsageCell};
 use crate::scopes::{Profile, Scope, ScopeSet};
 use crate::store::{Changes, KeyStore, KeyUsage, QuotaChange, QuotaExhausted, StoreError};
+use crate::webhooks::EventSink;
 
 /// Default rotation grace period: 7 days.
 pub const DEFAULT_GRACE_SEC: u64 = 7 * 86_400;
@@ -171,6 +174,8 @@ pub struct KeyService {
     miss_refresh: tokio::sync::Mutex<Option<Instant>>,
     /// Serialises this node's read-modify-write changes of keys.
     writes: tokio::sync::Mutex<()>,
+    /// Told of every committed lifecycle event (webhooks); none for the offline CLI.
+    events: Option<Arc<dyn EventSink>>,
 }
 
 impl std::fmt::Debug for KeyService {
@@ -187,9 +192,28 @@ impl KeyService {
             cache: RwLock::new(KeyCache::default()),
             miss_refresh: tokio::sync::Mutex::new(None),
             writes: tokio::sync::Mutex::new(()),
+            events: None,
         };
         service.sync().await?;
         Ok(service)
+    }
+
+    /// Announces every lifecycle event committed from now on to `sink`.
+    pub fn with_events(mut self, sink: Arc<dyn EventSink>) -> KeyService {
+        self.events = Some(sink);
+        self
+    }
+
+    /// Tells the event sink about a committed change of `record`.
+    async fn announce(&self, event: &str, record: &KeyRecord, extra: Option<(&str, &str)>) {
+        let Some(sink) = &self.events else {
+            return;
+        };
+        let mut data = serde_json::json!({ "key": self.view(record) });
+        if let Some((name, value)) = extra {
+            data[name] = value.into();
+        }
+        sink.emit(&record.tenant, record.env, event, data).await;
     }
 
     // ---- the hot path ----
@@ -346,6 +370,9 @@ impl KeyService {
             .collect();
         self.store.record_expiries(&ids, &audit).await?;
         self.sync().await?;
+        for record in &expired {
+            self.announce("key.expired", record, None).await;
+        }
         Ok(ids.len())
     }
 
@@ -420,6 +447,32 @@ impl KeyService {
             cache.pending_requests(&record.id),
             Timestamp::now(),
         )
+    }
+
+    /// The key object of a cached key (no I/O).
+    pub fn cached_view(&self, id: &str) -> Option<KeyView> {
+        let record = {
+            let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+            cache.by_id.get(id)?.record.clone()
+        };
+        Some(self.view(&record))
+    }
+
+    /// Active keys whose expiry falls within `window` from now.
+    pub fn expiring_within(&self, window: Duration) -> Vec<KeyView> {
+        let now = Timestamp::now();
+        let horizon = now.plus_secs(window.as_secs() as i64);
+        let records: Vec<KeyRecord> = {
+            let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+            cache
+                .by_id
+                .values()
+                .map(|e| &e.record)
+                .filter(|r| r.is_active_at(now) && r.expires_at.is_some_and(|t| t <= horizon))
+                .cloned()
+                .collect()
+        };
+        records.iter().map(|r| self.view(r)).collect()
     }
 
     pub async fn list_keys(&self, actor: &Principal) -> Result<Vec<KeyView>, KeyError> {
@@ -560,6 +613,7 @@ impl KeyService {
             )
             .await?;
         self.publish().await?;
+        self.announce("key.created", &record, None).await;
         Ok(CreatedKey {
             key: self.view(&record),
             secret: secret.expose().to_owned(),
@@ -611,6 +665,7 @@ impl KeyService {
             .save_keys(&[record.clone()], &[], &[audit])
             .await?;
         self.publish().await?;
+        self.announce("key.updated", &record, None).await;
         Ok(self.view(&record))
     }
 
@@ -627,8 +682,12 @@ impl KeyService {
         }
         record.revoked_at = Some(Timestamp::now());
         let audit = lifecycle_row("key.revoked", &record, Some(actor), ctx);
-        self.store.save_keys(&[record], &[], &[audit]).await?;
-        self.publish().await
+        self.store
+            .save_keys(std::slice::from_ref(&record), &[], &[audit])
+            .await?;
+        self.publish().await?;
+        self.announce("key.revoked", &record, None).await;
+        Ok(())
     }
 
     /// Issues a new key with the same settings; the old one works for `grace_sec` more
@@ -670,9 +729,12 @@ impl KeyService {
         rotated.reason = Some(format!("replaced by {}", new.id));
         let created = lifecycle_row("key.created", &new, Some(actor), ctx);
         self.store
-            .save_keys(&[old, new.clone()], &[], &[rotated, created])
+            .save_keys(&[old.clone(), new.clone()], &[], &[rotated, created])
             .await?;
         self.publish().await?;
+        self.announce("key.rotated", &old, Some(("replacedBy", &new.id)))
+            .await;
+        self.announce("key.created", &new, None).await;
         Ok(CreatedKey {
             key: self.view(&new),
             secret: secret.expose().to_owned(),
@@ -694,6 +756,7 @@ impl KeyService {
             .change_quota(&record.quota_id, QuotaChange::Reset(remaining), &[audit])
             .await?;
         self.publish().await?;
+        self.announce("key.updated", &record, None).await;
         Ok(self.view(&record))
     }
 }
