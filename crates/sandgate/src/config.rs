@@ -34,6 +34,7 @@ pub struct Layer {
     pub auth_callback_timeout_ms: Option<u64>,
     /// Cache the callback's "yes" this long; absent or 0: no cache.
     pub auth_callback_cache_ttl_ms: Option<u64>,
+    pub webhook_allow_private: Option<bool>,
 }
 
 impl Layer {
@@ -75,6 +76,9 @@ impl Layer {
             auth_callback_url: var("SANDGATE_AUTH_CALLBACK_URL"),
             auth_callback_timeout_ms: millis("SANDGATE_AUTH_CALLBACK_TIMEOUT_MS")?,
             auth_callback_cache_ttl_ms: millis("SANDGATE_AUTH_CALLBACK_CACHE_TTL_MS")?,
+            webhook_allow_private: var("SANDGATE_WEBHOOK_ALLOW_PRIVATE")
+                .map(|v| flag(&v).context("SANDGATE_WEBHOOK_ALLOW_PRIVATE must be 1 or 0"))
+                .transpose()?,
         })
     }
 
@@ -103,6 +107,7 @@ impl Layer {
             auth_callback_cache_ttl_ms: self
                 .auth_callback_cache_ttl_ms
                 .or(below.auth_callback_cache_ttl_ms),
+            webhook_allow_private: self.webhook_allow_private.or(below.webhook_allow_private),
         }
     }
 }
@@ -139,6 +144,7 @@ pub fn resolve(env: Layer, file: Option<Layer>, flags: Layer) -> Result<Settings
         "trusted proxies",
     )?;
     server.allowed_ips = nets(merged.allowed_ips.unwrap_or_default(), "allowed IPs")?;
+    server.webhook_allow_private = merged.webhook_allow_private.unwrap_or(false);
     // Secrets come from the environment only, never from a file or a flag.
     server.env_admin_key = std::env::var("SANDGATE_ADMIN_API_KEY")
         .ok()
@@ -195,6 +201,15 @@ pub fn resolve(env: Layer, file: Option<Layer>, flags: Layer) -> Result<Settings
         log: merged.log.unwrap_or_else(|| "info".to_owned()),
         tls,
     })
+}
+
+/// A boolean setting from the environment: `1`/`true`/`yes` or `0`/`false`/`no`.
+fn flag(value: &str) -> Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        other => bail!("`{other}` is not a boolean"),
+    }
 }
 
 /// CIDR lists; `*` alone means "any address" (an empty list).
@@ -265,6 +280,15 @@ mod tests {
             ..Layer::default()
         };
         assert!(resolve(half, None, Layer::default()).is_err());
+        assert!(!s.server.webhook_allow_private);
+        let file: Layer = toml::from_str("webhook_allow_private = true").unwrap();
+        assert!(
+            resolve(Layer::default(), Some(file), Layer::default())
+                .unwrap()
+                .server
+                .webhook_allow_private
+        );
+        assert!(flag("1").unwrap() && !flag("0").unwrap() && flag("maybe").is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use sandgate_core::keys::api::InvalidField;
 use sandgate_core::sandboxes::SandboxError;
 use sandgate_core::scopes::Scope;
 use sandgate_core::store::StoreError;
+use sandgate_core::webhooks::WebhookError;
 use serde_json::{Map, Value, json};
 
 use crate::request::current_request_id;
@@ -222,6 +223,16 @@ impl From<KeyError> for ApiError {
             KeyError::Invalid(field) => field.into(),
             KeyError::Conflict(message) => ApiError::conflict(message),
             KeyError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<WebhookError> for ApiError {
+    fn from(e: WebhookError) -> ApiError {
+        match e {
+            WebhookError::NotFound => ApiError::not_found("webhook"),
+            WebhookError::Invalid(field) => field.into(),
+            WebhookError::Store(e) => e.into(),
         }
     }
 }

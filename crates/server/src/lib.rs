@@ -16,6 +16,7 @@ use axum::middleware;
 use axum::response::IntoResponse;
 use axum_server::tls_rustls::RustlsConfig;
 use sandgate_core::limits::RateLimiter;
+use sandgate_core::webhooks::service::EXPIRING_NOTICE;
 use tokio::net::TcpListener;
 
 pub mod auth;
@@ -112,9 +113,18 @@ async fn serve_until_flushed(
     server: impl Future<Output = std::io::Result<()>>,
 ) -> std::io::Result<()> {
     let maintenance = tokio::spawn(maintain(state.clone()));
+    let webhooks = state.webhooks();
+    let deliveries = tokio::spawn(sandgate_core::webhooks::delivery::run(
+        webhooks.store(),
+        webhooks.wake(),
+        state.config().delivery(),
+    ));
     let result = server.await;
-    maintenance.abort();
-    let _ = maintenance.await;
+    // A delivery cut short here is retried after its lease, by the next start.
+    for task in [maintenance, deliveries] {
+        task.abort();
+        let _ = task.await;
+    }
     flush(state).await;
     result
 }
@@ -135,7 +145,7 @@ pub async fn flush(state: &AppState) {
 }
 
 /// Background upkeep: pick up key changes of other processes, write usage counts,
-/// record expiries.
+/// record expiries, announce keys about to expire.
 async fn maintain(state: AppState) {
     let config = state.config().clone();
     let mut sync = tokio::time::interval(config.key_sync_interval);
@@ -168,6 +178,10 @@ async fn maintain(state: AppState) {
             _ = expiry.tick() => {
                 if let Err(e) = state.keys().record_expired_keys().await {
                     tracing::warn!(error = %e, "expiry sweep failed");
+                }
+                let expiring = state.keys().expiring_within(EXPIRING_NOTICE);
+                if let Err(e) = state.webhooks().keys_expiring(expiring).await {
+                    tracing::warn!(error = %e, "key.expiring sweep failed");
                 }
                 state.auth_failures().forget_idle();
                 state.rate_limiter().forget_idle();

@@ -14,7 +14,7 @@ use axum::routing::{MethodFilter, on};
 use sandgate_core::scopes::Scope;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
-use crate::handlers::{audit, execute, keys, meta, sandboxes, usage};
+use crate::handlers::{audit, execute, keys, meta, sandboxes, usage, webhooks};
 use crate::state::AppState;
 
 /// What a route demands of its caller.
@@ -434,6 +434,30 @@ pub fn table() -> RouteTable {
                 ])
                 .returns::<audit::AuditList>(200),
             audit::list_audit,
+        )
+        // ---- webhooks ----
+        .add(
+            post("/v1/webhooks", Needs(Scope::WebhooksManage), "createWebhook")
+                .summary("Register a webhook for the caller's tenant and env; the secret is in this response only")
+                .body::<sandgate_core::webhooks::api::CreateWebhookRequest>()
+                .returns::<sandgate_core::webhooks::api::CreatedWebhook>(201),
+            webhooks::create_webhook,
+        )
+        .add(
+            get("/v1/webhooks", Needs(Scope::WebhooksManage), "listWebhooks")
+                .summary("Webhooks of the caller's tenant and env (no secrets)")
+                .returns::<webhooks::WebhookList>(200),
+            webhooks::list_webhooks,
+        )
+        .add(
+            delete(
+                "/v1/webhooks/{id}",
+                Needs(Scope::WebhooksManage),
+                "deleteWebhook",
+            )
+            .summary("Delete a webhook and its pending deliveries")
+            .no_content(),
+            webhooks::delete_webhook,
         )
 }
 

@@ -13,8 +13,12 @@ use sandgate_core::limits::{LocalRateLimiter, RateLimiter};
 use sandgate_core::model::RateLimit;
 use sandgate_core::net::IpNet;
 use sandgate_core::sandboxes::{SandboxLimits, SandboxManager, SandboxStore};
-use sandgate_core::store::{AuditStore, KeyStore, SqliteStore, StoreError, UsageStore};
+use sandgate_core::store::{
+    AuditStore, KeyStore, SqliteStore, StoreError, UsageStore, WebhookStore,
+};
 use sandgate_core::usage::UsageRecorder;
+use sandgate_core::webhooks::WebhookService;
+use sandgate_core::webhooks::delivery::DeliveryConfig;
 
 use sandgate_core::principal::Principal;
 
@@ -84,6 +88,15 @@ pub struct ServerConfig {
     pub sandbox_limits: SandboxLimits,
     /// How often expired sandboxes are looked for.
     pub sandbox_reap_interval: Duration,
+    /// `SANDGATE_WEBHOOK_ALLOW_PRIVATE=1`: webhooks may point at loopback and private
+    /// addresses (a local receiver, tests); refused by default.
+    pub webhook_allow_private: bool,
+    /// Delay before the first retry of a failed delivery; doubled for each next one.
+    pub webhook_retry_base: Duration,
+    /// Attempts before a delivery is given up.
+    pub webhook_max_attempts: u32,
+    /// Timeout of one delivery attempt.
+    pub webhook_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -109,6 +122,21 @@ impl ServerConfig {
             jail: JailConfig::default(),
             sandbox_limits: SandboxLimits::default(),
             sandbox_reap_interval: Duration::from_secs(1),
+            webhook_allow_private: false,
+            webhook_retry_base: Duration::from_secs(1),
+            webhook_max_attempts: 8,
+            webhook_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// How the webhook worker delivers.
+    pub fn delivery(&self) -> DeliveryConfig {
+        DeliveryConfig {
+            base_delay: self.webhook_retry_base,
+            max_attempts: self.webhook_max_attempts.max(1),
+            timeout: self.webhook_timeout,
+            allow_private: self.webhook_allow_private,
+            ..DeliveryConfig::default()
         }
     }
 }
@@ -141,6 +169,7 @@ struct Inner {
     open_principal: Arc<Principal>,
     executor: Executor,
     sandboxes: SandboxManager,
+    webhooks: Arc<WebhookService>,
 }
 
 impl AppState {
@@ -151,8 +180,15 @@ impl AppState {
         let key_store: Arc<dyn KeyStore> = Arc::new(store.clone());
         let audit_store: Arc<dyn AuditStore> = Arc::new(store.clone());
         let usage_store: Arc<dyn UsageStore> = Arc::new(store.clone());
+        let webhook_store: Arc<dyn WebhookStore> = Arc::new(store.clone());
         let sandbox_store = store;
-        let keys = KeyService::load(key_store).await?;
+        let webhooks = Arc::new(WebhookService::new(
+            webhook_store,
+            config.webhook_allow_private,
+        ));
+        let keys = KeyService::load(key_store)
+            .await?
+            .with_events(Arc::clone(&webhooks) as _);
         let audit = AuditLog::start(Arc::clone(&audit_store));
         let env_keys = EnvKeys::new(config.env_admin_key.as_ref(), &config.env_api_keys);
         let auth_callback = config.auth_callback.as_ref().map(AuthCallback::new);
@@ -187,6 +223,7 @@ impl AppState {
             auth_failures: LocalRateLimiter::default(),
             usage: UsageRecorder::default(),
             usage_store,
+            webhooks,
         })))
     }
 
@@ -267,5 +304,9 @@ impl AppState {
 
     pub fn usage_store(&self) -> &Arc<dyn UsageStore> {
         &self.0.usage_store
+    }
+
+    pub fn webhooks(&self) -> &WebhookService {
+        &self.0.webhooks
     }
 }

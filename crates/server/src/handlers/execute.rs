@@ -38,7 +38,11 @@ pub async fn execute(
     })?;
     let left = match state.keys().consume_execution(&caller).await {
         Ok(left) => left,
-        Err(QuotaExhausted::Exhausted) => return Err(ApiError::quota_exceeded()),
+        Err(QuotaExhausted::Exhausted) => {
+            let key = state.keys().cached_view(&caller.key_id);
+            state.webhooks().quota_exceeded(&caller, key).await;
+            return Err(ApiError::quota_exceeded());
+        }
         Err(QuotaExhausted::Store(e)) => return Err(e.into()),
     };
     let mut response = executor.run(slot, run).await.map_err(|e| match e {

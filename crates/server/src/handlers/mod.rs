@@ -6,3 +6,4 @@ pub mod keys;
 pub mod meta;
 pub mod sandboxes;
 pub mod usage;
+pub mod webhooks;
