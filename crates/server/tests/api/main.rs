@@ -14,3 +14,4 @@ mod policy;
 mod sandboxes;
 mod sources;
 mod usage;
+mod webhooks;
