@@ -187,4 +187,37 @@ mod tests {
         assert_eq!(delays, [1, 2, 4, 8, 10, 10]);
         assert_eq!(config.backoff(200), Duration::from_secs(10));
     }
+
+    /// What a DNS answer changed after creation would meet: the resolver deliveries
+    /// connect through refuses non-public addresses, so nothing connects.
+    #[test]
+    fn deliveries_never_connect_to_private_addresses_unless_allowed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let delivery = DueDelivery {
+            id: 1,
+            event_id: "evt_1".into(),
+            event_type: "key.created".into(),
+            body: "{}".into(),
+            url: format!("http://{}/hook", listener.local_addr().unwrap()),
+            secret: crate::keys::format::SecretKey::new("whsec_x".into()),
+            attempts: 0,
+        };
+        let config = DeliveryConfig {
+            timeout: Duration::from_secs(2),
+            ..DeliveryConfig::default()
+        };
+        let err = send(&agent(&config), &delivery).unwrap_err();
+        assert!(err.contains("non-public"), "{err}");
+        assert!(listener.accept().is_err(), "a connection was made");
+
+        // Allowed: the request reaches the listener (which never answers: timeout).
+        let allowing = DeliveryConfig {
+            allow_private: true,
+            timeout: Duration::from_millis(300),
+            ..DeliveryConfig::default()
+        };
+        assert!(send(&agent(&allowing), &delivery).is_err());
+        assert!(listener.accept().is_ok(), "no connection was made");
+    }
 }

@@ -412,6 +412,21 @@ fn a_failed_delivery_is_retried_until_it_succeeds() {
 }
 
 #[test]
+fn a_delivery_is_given_up_after_its_last_attempt() {
+    let app = TestApp::start_with(|c| {
+        c.webhook_allow_private = true;
+        c.webhook_retry_base = Duration::from_millis(50);
+        c.webhook_max_attempts = 3;
+    });
+    let receiver = Receiver::answering(&[500; 10]);
+    create_webhook(&app, &app.admin_key, &receiver.url, &["key.created"]);
+    app.create_key(json!({"name": "unlucky"}));
+    receiver.wait_for("three attempts", |got| got.len() >= 3);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(receiver.received().len(), 3);
+}
+
+#[test]
 fn quota_exceeded_is_delivered() {
     if !jail_available() {
         return;
