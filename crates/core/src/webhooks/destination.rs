@@ -60,10 +60,15 @@ pub enum Refused {
     NotPublic(IpAddr),
 }
 
+/// How long creation waits for the host's DNS answer.
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Resolves `host:port` and refuses it when any of its addresses is not public.
 pub async fn check_host(host: &str, port: u16) -> Result<(), Refused> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(format!("{host}:{port}"))
+    let lookup = tokio::net::lookup_host(format!("{host}:{port}"));
+    let addrs: Vec<SocketAddr> = tokio::time::timeout(LOOKUP_TIMEOUT, lookup)
         .await
+        .map_err(|_| Refused::Unresolvable)?
         .map_err(|_| Refused::Unresolvable)?
         .collect();
     if addrs.is_empty() {
