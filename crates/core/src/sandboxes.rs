@@ -4,7 +4,8 @@
 //! and writes each one's record to the store, so a restarted server can mark what
 //! its predecessor left as killed (the jail sweeps the processes and cgroups).
 //! A sandbox belongs to the tenant and env of the key that created it; any other
-//! caller gets "not found", whatever its scopes.
+//! caller gets "not found", whatever its scopes. Creations and kills (by request,
+//! expiry or shutdown) are announced to the [`EventSink`] (webhooks).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -22,6 +23,7 @@ use crate::keys::format::random_id;
 use crate::model::{Env, Timestamp};
 use crate::principal::Principal;
 use crate::store::StoreError;
+use crate::webhooks::EventSink;
 
 /// Server-wide bounds on sandboxes.
 #[derive(Debug, Clone)]
@@ -247,6 +249,8 @@ pub struct SandboxManager {
     records: tokio::sync::mpsc::UnboundedSender<SandboxRecord>,
     live: Mutex<HashMap<String, Arc<Live>>>,
     warm: Arc<WarmPool>,
+    /// Told of `sandbox.created` and `sandbox.killed` (webhooks).
+    events: Option<Arc<dyn EventSink>>,
 }
 
 /// Built sandboxes nobody owns yet, refilled in the background.
@@ -337,7 +341,21 @@ impl SandboxManager {
             records,
             live: Mutex::new(HashMap::new()),
             warm,
+            events: None,
         })
+    }
+
+    /// Announces sandbox creations and kills from now on to `sink`.
+    pub fn with_events(mut self, sink: Arc<dyn EventSink>) -> SandboxManager {
+        self.events = Some(sink);
+        self
+    }
+
+    async fn announce(&self, event: &str, record: &SandboxRecord) {
+        if let Some(sink) = &self.events {
+            let data = serde_json::json!({ "sandbox": record.view, "keyId": record.key_id });
+            sink.emit(&record.tenant, record.env, event, data).await;
+        }
     }
 
     pub fn limits(&self) -> &SandboxLimits {
@@ -486,6 +504,7 @@ impl SandboxManager {
         };
         *placeholder.jail.write().unwrap_or_else(|p| p.into_inner()) = Some(sandbox);
         self.record(record.clone());
+        self.announce("sandbox.created", &record).await;
         Ok(record.view)
     }
 
@@ -571,6 +590,7 @@ impl SandboxManager {
             r.clone()
         };
         self.record(record.clone());
+        self.announce("sandbox.killed", &record).await;
         let seconds = (Timestamp::now().millis() - record.view.created_at.millis()).max(0) / 1000;
         vec![(owner, seconds as u64)]
     }

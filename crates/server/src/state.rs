@@ -206,8 +206,9 @@ impl AppState {
         }
         let executor = Executor::new(config.exec_limits.clone(), jail.clone());
         let sandbox_store: Arc<dyn SandboxStore> = Arc::new(sandbox_store);
-        let sandboxes =
-            SandboxManager::start(jail, config.sandbox_limits.clone(), sandbox_store).await?;
+        let sandboxes = SandboxManager::start(jail, config.sandbox_limits.clone(), sandbox_store)
+            .await?
+            .with_events(Arc::clone(&webhooks) as _);
         Ok(AppState(Arc::new(Inner {
             executor,
             sandboxes,

@@ -3,6 +3,7 @@
 use axum::Json;
 use axum::extract::State;
 use sandgate_core::execute::{ExecError, ExecuteRequest, ExecuteResponse, LanguageInfo, catalogue};
+use sandgate_core::principal::Principal;
 use sandgate_core::store::QuotaExhausted;
 use schemars::JsonSchema;
 use serde::Serialize;
@@ -38,11 +39,7 @@ pub async fn execute(
     })?;
     let left = match state.keys().consume_execution(&caller).await {
         Ok(left) => left,
-        Err(QuotaExhausted::Exhausted) => {
-            let key = state.keys().cached_view(&caller.key_id);
-            state.webhooks().quota_exceeded(&caller, key).await;
-            return Err(ApiError::quota_exceeded());
-        }
+        Err(QuotaExhausted::Exhausted) => return Err(refuse_for_quota(&state, &caller).await),
         Err(QuotaExhausted::Store(e)) => return Err(e.into()),
     };
     let mut response = executor.run(slot, run).await.map_err(|e| match e {
@@ -53,4 +50,12 @@ pub async fn execute(
     state.usage().execution(&caller, response.cpu_ms);
     state.metrics().execution(response.status);
     Ok(Json(response))
+}
+
+/// A run refused because the key's executions are used up: `quota.exceeded` is
+/// queued for the key's webhooks, and the SPEC's 429 returned.
+pub async fn refuse_for_quota(state: &AppState, caller: &Principal) -> ApiError {
+    let key = state.keys().cached_view(&caller.key_id);
+    state.webhooks().quota_exceeded(caller, key).await;
+    ApiError::quota_exceeded()
 }

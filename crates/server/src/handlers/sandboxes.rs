@@ -182,7 +182,9 @@ async fn run_prepared(
 ) -> ApiResult<Response> {
     let left = match state.keys().consume_execution(&caller).await {
         Ok(left) => left,
-        Err(QuotaExhausted::Exhausted) => return Err(ApiError::quota_exceeded()),
+        Err(QuotaExhausted::Exhausted) => {
+            return Err(super::execute::refuse_for_quota(&state, &caller).await);
+        }
         Err(QuotaExhausted::Store(e)) => return Err(e.into()),
     };
     let streaming = headers

@@ -449,6 +449,47 @@ fn quota_exceeded_is_delivered() {
 }
 
 #[test]
+fn sandbox_lifecycle_and_refused_execs_are_delivered() {
+    if !jail_available() {
+        return;
+    }
+    let app = app();
+    let receiver = Receiver::start();
+    create_webhook(
+        &app,
+        &app.admin_key,
+        &receiver.url,
+        &["sandbox.created", "sandbox.killed", "quota.exceeded"],
+    );
+    let (key, created) = app.create_key(json!({
+        "name": "sbx", "profile": "sandbox-user", "executionsLimit": 0
+    }));
+    let client = app.client(&key);
+    let r = client.post_json("/v1/sandboxes", &json!({"timeoutSec": 60}));
+    assert_eq!(r.status.as_u16(), 201, "{}", r.text());
+    let sbx = r.json();
+    let id = sbx["id"].as_str().unwrap();
+    let r = client.post_json(
+        &format!("/v1/sandboxes/{id}/exec"),
+        &json!({"command": "true"}),
+    );
+    assert_error(&r, 429, "QUOTA_EXCEEDED");
+    let r = client
+        .raw(Method::DELETE, &format!("/v1/sandboxes/{id}"), &[], None)
+        .unwrap();
+    assert_eq!(r.status.as_u16(), 204);
+
+    receiver.wait_for("three events", |got| got.len() >= 3);
+    let created_event = &receiver.of_type("sandbox.created")[0];
+    assert_eq!(created_event.json()["data"]["sandbox"]["id"], id);
+    assert_eq!(created_event.json()["data"]["keyId"], created["id"]);
+    let killed = &receiver.of_type("sandbox.killed")[0];
+    assert_eq!(killed.json()["data"]["sandbox"]["state"], "killed");
+    let quota = &receiver.of_type("quota.exceeded")[0];
+    assert_eq!(quota.json()["data"]["key"]["id"], created["id"]);
+}
+
+#[test]
 fn a_dead_receiver_does_not_slow_requests() {
     let app = TestApp::start_with(|c| {
         c.webhook_allow_private = true;
