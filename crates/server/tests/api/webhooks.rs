@@ -394,6 +394,47 @@ fn key_events_are_signed_and_reach_only_their_tenant() {
 }
 
 #[test]
+fn every_key_lifecycle_change_is_delivered() {
+    let app = app();
+    let receiver = Receiver::start();
+    create_webhook(&app, &app.admin_key, &receiver.url, &["*"]);
+    let admin = app.admin();
+    let (_, key) = app.create_key(json!({"name": "lifecycle"}));
+    let id = key["id"].as_str().unwrap();
+    admin.update_key(id, &json!({"name": "renamed"})).unwrap();
+    let rotated = admin.rotate_key(id, Some(60)).unwrap();
+    let new_id = rotated["id"].as_str().unwrap();
+    admin.revoke_key(new_id).unwrap();
+
+    let types = ["key.created", "key.updated", "key.rotated", "key.revoked"];
+    receiver.wait_for("every lifecycle event", |got| {
+        types
+            .iter()
+            .all(|t| got.iter().any(|r| r.event_type() == *t))
+            && got
+                .iter()
+                .filter(|r| r.event_type() == "key.created")
+                .count()
+                >= 2
+    });
+    let updated = &receiver.of_type("key.updated")[0];
+    assert_eq!(updated.json()["data"]["key"]["name"], "renamed");
+    let rotation = &receiver.of_type("key.rotated")[0];
+    assert_eq!(rotation.json()["data"]["key"]["id"], id);
+    assert_eq!(rotation.json()["data"]["replacedBy"], new_id);
+    assert!(
+        receiver
+            .of_type("key.created")
+            .iter()
+            .any(|r| r.json()["data"]["key"]["id"] == new_id)
+    );
+    assert_eq!(
+        receiver.of_type("key.revoked")[0].json()["data"]["key"]["id"],
+        new_id
+    );
+}
+
+#[test]
 fn a_failed_delivery_is_retried_until_it_succeeds() {
     let app = app();
     let receiver = Receiver::answering(&[500, 503]);
