@@ -61,6 +61,23 @@ enum SandboxCommand {
         #[arg(long)]
         timeout: Option<String>,
     },
+    /// Run a cell in the sandbox's persistent interpreter (state kept between calls).
+    Code {
+        id: String,
+        /// The cell's code (`-` for standard input).
+        code: String,
+        /// python or javascript.
+        #[arg(long = "lang", default_value = "python")]
+        lang: String,
+        #[arg(long)]
+        timeout: Option<String>,
+    },
+    /// Read, write, list or remove files inside a sandbox.
+    Files {
+        id: String,
+        #[command(subcommand)]
+        op: FilesOp,
+    },
     /// Kill a sandbox and everything in it.
     Kill { id: String },
     /// Freeze every process in it.
@@ -69,6 +86,22 @@ enum SandboxCommand {
     Resume { id: String },
     /// Kill it this long from now (e.g. 10m).
     Timeout { id: String, timeout: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum FilesOp {
+    /// Print a file's bytes (or a directory listing).
+    Get { path: String },
+    /// Write a file from --from FILE or standard input (parents created).
+    Put {
+        path: String,
+        #[arg(long)]
+        from: Option<std::path::PathBuf>,
+    },
+    /// List a directory.
+    Ls { path: String },
+    /// Remove a file or a directory tree.
+    Rm { path: String },
 }
 
 fn pairs(items: &[String], what: &str) -> Result<Map<String, Value>> {
@@ -127,6 +160,36 @@ pub fn run(args: SandboxArgs) -> Result<ExitCode> {
             client.call(Method::GET, &format!("/v1/sandboxes{query}"), None)?
         }
         SandboxCommand::Get { id } => client.call(Method::GET, &path(id, ""), None)?,
+        SandboxCommand::Code {
+            id,
+            code,
+            lang,
+            timeout,
+        } => {
+            let code = if code == "-" {
+                let mut text = String::new();
+                std::io::stdin().read_to_string(&mut text)?;
+                text
+            } else {
+                code.clone()
+            };
+            let mut body = json!({ "language": lang, "code": code });
+            if let Some(t) = timeout {
+                body["timeoutMs"] = json!(parse::duration_ms(t).map_err(anyhow::Error::msg)?);
+            }
+            let r = client.call(Method::POST, &path(id, "/code"), Some(&body))?;
+            if args.json {
+                output::json(&r);
+                return Ok(ExitCode::SUCCESS);
+            }
+            std::io::stdout().write_all(r["stdout"].as_str().unwrap_or_default().as_bytes())?;
+            std::io::stderr().write_all(r["stderr"].as_str().unwrap_or_default().as_bytes())?;
+            if !r["result"].is_null() {
+                println!("{}", r["result"]);
+            }
+            return Ok(ExitCode::from(if r["success"] == true { 0 } else { 1 }));
+        }
+        SandboxCommand::Files { id, op } => return files(&client, id, op, args.json),
         SandboxCommand::Kill { id } => {
             client.call(Method::DELETE, &path(id, ""), None)?;
             json!({ "id": id, "killed": true })
@@ -221,6 +284,79 @@ pub fn run(args: SandboxArgs) -> Result<ExitCode> {
         );
     } else {
         output::fields(&value);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn files(
+    client: &sandgate_client::Client,
+    id: &str,
+    op: &FilesOp,
+    as_json: bool,
+) -> Result<ExitCode> {
+    let url = |p: &str| {
+        let encoded: String = p
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        format!("/v1/sandboxes/{id}/files?path={encoded}")
+    };
+    let fail = |r: sandgate_client::RawResponse| -> Result<ExitCode> {
+        let e = r.into_result().expect_err("an error status");
+        Err(e.into())
+    };
+    match op {
+        FilesOp::Get { path } | FilesOp::Ls { path } => {
+            let r = client.raw(Method::GET, &url(path), &[], None)?;
+            if !r.status.is_success() {
+                return fail(r);
+            }
+            let is_listing = r
+                .header("content-type")
+                .is_some_and(|t| t.starts_with("application/json"));
+            if is_listing && !as_json {
+                let listing = r.json();
+                let rows = listing["entries"].as_array().cloned().unwrap_or_default();
+                output::table(
+                    &rows,
+                    &[("NAME", "name"), ("TYPE", "type"), ("SIZE", "size")],
+                );
+            } else {
+                std::io::stdout().write_all(&r.body)?;
+            }
+        }
+        FilesOp::Put { path, from } => {
+            let data = match from {
+                Some(file) => {
+                    std::fs::read(file).with_context(|| format!("reading {}", file.display()))?
+                }
+                None => {
+                    let mut data = Vec::new();
+                    std::io::stdin().read_to_end(&mut data)?;
+                    data
+                }
+            };
+            let r = client.raw(Method::PUT, &url(path), &[], Some(&data))?;
+            if !r.status.is_success() {
+                return fail(r);
+            }
+            if as_json {
+                output::json(&r.json());
+            } else {
+                output::fields(&r.json());
+            }
+        }
+        FilesOp::Rm { path } => {
+            let r = client.raw(Method::DELETE, &url(path), &[], None)?;
+            if !r.status.is_success() {
+                return fail(r);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

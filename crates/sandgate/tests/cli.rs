@@ -779,6 +779,51 @@ fn sandbox_commands_drive_a_sandbox() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "MADE\n\n");
     let list = sandgate(&["sandbox", "list"], &env, &config);
     assert!(String::from_utf8_lossy(&list.stdout).contains(id));
+    let out = sandgate_with_stdin(
+        &["sandbox", "files", id, "put", "/workspace/in/data.txt"],
+        &env,
+        &config,
+        b"payload",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = sandgate(
+        &["sandbox", "files", id, "get", "/workspace/in/data.txt"],
+        &env,
+        &config,
+    );
+    assert_eq!(out.stdout, b"payload");
+    let out = sandgate(
+        &["sandbox", "files", id, "ls", "/workspace/in"],
+        &env,
+        &config,
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("data.txt"));
+    assert!(
+        sandgate(
+            &["sandbox", "files", id, "rm", "/workspace/in"],
+            &env,
+            &config
+        )
+        .status
+        .success()
+    );
+    let out = sandgate(
+        &["sandbox", "files", id, "get", "/workspace/in/data.txt"],
+        &env,
+        &config,
+    );
+    assert!(!out.status.success());
+    assert!(
+        sandgate(&["sandbox", "code", id, "n = 20"], &env, &config)
+            .status
+            .success()
+    );
+    let out = sandgate(&["sandbox", "code", id, "n * 2 + 2"], &env, &config);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
     assert_eq!(
         json_of(&sandgate(
             &["sandbox", "pause", id, "--json"],
