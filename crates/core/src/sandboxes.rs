@@ -196,6 +196,8 @@ pub enum SandboxError {
     NotFound,
     #[error("no such file or directory in the sandbox")]
     FileNotFound,
+    #[error("that port is not open")]
+    PortNotOpen,
     #[error("{0}")]
     Conflict(String),
     #[error("invalid {}: {}", .0.field, .0.message)]
@@ -237,6 +239,8 @@ struct Live {
     jail: RwLock<Option<sandgate_jail::Sandbox>>,
     /// Who to bill sandbox-seconds to.
     owner: Arc<Principal>,
+    /// Ports opened to the outside through sandgate.
+    ports: Mutex<std::collections::BTreeSet<u16>>,
 }
 
 /// Live sandboxes, their limits, and the store that remembers them.
@@ -466,6 +470,7 @@ impl SandboxManager {
             env,
             jail: RwLock::new(None),
             owner: Arc::clone(caller),
+            ports: Mutex::new(Default::default()),
         });
         {
             let mut live = self.live();
@@ -868,6 +873,73 @@ impl SandboxManager {
         .map_err(|e| io::Error::other(e.to_string()))??;
         let outcome = outcome.ok_or(SandboxError::NotFound)?;
         Ok(response_of(outcome))
+    }
+}
+
+impl SandboxManager {
+    /// Makes HTTP on `port` inside the sandbox reachable through sandgate.
+    pub fn expose_port(
+        &self,
+        caller: &Principal,
+        id: &str,
+        port: u16,
+    ) -> Result<u16, SandboxError> {
+        if port == 0 {
+            return Err(invalid("port", "port must be between 1 and 65535").into());
+        }
+        let live = self.find(caller, id)?;
+        live.ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(port);
+        Ok(port)
+    }
+
+    pub fn close_port(&self, caller: &Principal, id: &str, port: u16) -> Result<(), SandboxError> {
+        let live = self.find(caller, id)?;
+        let removed = live
+            .ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&port);
+        if removed {
+            Ok(())
+        } else {
+            Err(SandboxError::PortNotOpen)
+        }
+    }
+
+    /// A connection to an exposed port inside the caller's sandbox.
+    pub async fn connect_port(
+        &self,
+        caller: &Principal,
+        id: &str,
+        port: u16,
+    ) -> Result<std::net::TcpStream, SandboxError> {
+        let live = self.find(caller, id)?;
+        if !live
+            .ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&port)
+        {
+            return Err(SandboxError::PortNotOpen);
+        }
+        let stream = tokio::task::spawn_blocking(move || {
+            let guard = live.jail.read().unwrap_or_else(|p| p.into_inner());
+            guard
+                .as_ref()
+                .map(|s| s.connect_tcp(port, Duration::from_secs(5)))
+        })
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?;
+        match stream {
+            None => Err(SandboxError::NotFound),
+            Some(Ok(s)) => Ok(s),
+            Some(Err(_)) => Err(SandboxError::Conflict(format!(
+                "nothing in the sandbox answers on port {port}"
+            ))),
+        }
     }
 }
 

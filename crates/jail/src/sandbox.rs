@@ -333,6 +333,26 @@ impl Sandbox {
         self.created.elapsed()
     }
 
+    /// A TCP connection to `127.0.0.1:port` inside the sandbox (its own network
+    /// namespace: only what listens in the sandbox can answer). Made on a
+    /// short-lived thread that joins the namespace, so no server thread changes.
+    pub fn connect_tcp(&self, port: u16, timeout: Duration) -> io::Result<std::net::TcpStream> {
+        let netns = self.ns[2].try_clone()?;
+        std::thread::Builder::new()
+            .name("sandgate-port".into())
+            .spawn(move || {
+                // SAFETY: setns on this thread only (CLONE_NEWNET is per thread),
+                // with an fd we own; the thread ends right after.
+                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                std::net::TcpStream::connect_timeout(&addr, timeout)
+            })?
+            .join()
+            .map_err(|_| io::Error::other("the port thread panicked"))?
+    }
+
     /// Changes the memory and CPU limits of everything inside (a warm sandbox
     /// taken from a pool gets the limits its creator asked for).
     pub fn set_limits(&self, memory_bytes: u64, cpu_millicores: u32) -> io::Result<()> {

@@ -191,6 +191,7 @@ impl From<SandboxError> for ApiError {
         match e {
             SandboxError::NotFound => ApiError::not_found("sandbox"),
             SandboxError::FileNotFound => ApiError::not_found("file"),
+            SandboxError::PortNotOpen => ApiError::not_found("port"),
             SandboxError::Conflict(m) => ApiError::conflict(m),
             SandboxError::Invalid(f) => f.into(),
             SandboxError::TooMany(max) => ApiError::too_many_sandboxes(max),

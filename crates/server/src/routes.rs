@@ -14,7 +14,7 @@ use axum::routing::{MethodFilter, on};
 use sandgate_core::scopes::Scope;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
-use crate::handlers::{audit, execute, keys, meta, sandboxes, usage, webhooks};
+use crate::handlers::{audit, execute, keys, meta, ports, sandboxes, usage, webhooks};
 use crate::state::AppState;
 
 /// What a route demands of its caller.
@@ -400,6 +400,79 @@ pub fn table() -> RouteTable {
             .query(&[("path", "absolute path inside the sandbox")])
             .no_content(),
             sandboxes::remove_file,
+        )
+        .add(
+            post("/v1/sandboxes/{id}/ports", Needs(Scope::SandboxPorts), "openPort")
+                .summary("Reach HTTP on a port inside the sandbox through sandgate")
+                .body::<ports::OpenPort>()
+                .returns::<ports::PortView>(200),
+            ports::open,
+        )
+        .add(
+            delete("/v1/sandboxes/{id}/ports/{port}", Needs(Scope::SandboxPorts), "closePort")
+                .summary("Close an opened port")
+                .no_content(),
+            ports::close,
+        )
+        .add(
+            get("/v1/sandboxes/{id}/ports/{port}/", Needs(Scope::SandboxPorts), "proxyPortRootGet")
+                .summary("HTTP to the sandbox's port (the caller's credentials are not passed on)")
+                .returns_text("*/*"),
+            ports::proxy_root,
+        )
+        .add(
+            get("/v1/sandboxes/{id}/ports/{port}/{*path}", Needs(Scope::SandboxPorts), "proxyPortGet")
+                .summary("HTTP to the sandbox's port (the caller's credentials are not passed on)")
+                .returns_text("*/*"),
+            ports::proxy,
+        )
+        .add(
+            post("/v1/sandboxes/{id}/ports/{port}/", Needs(Scope::SandboxPorts), "proxyPortRootPost")
+                .summary("HTTP to the sandbox's port (the caller's credentials are not passed on)")
+                .returns_text("*/*"),
+            ports::proxy_root,
+        )
+        .add(
+            post("/v1/sandboxes/{id}/ports/{port}/{*path}", Needs(Scope::SandboxPorts), "proxyPortPost")
+                .summary("HTTP to the sandbox's port (the caller's credentials are not passed on)")
+                .returns_text("*/*"),
+            ports::proxy,
+        )
+        .add(
+            put("/v1/sandboxes/{id}/ports/{port}/", Needs(Scope::SandboxPorts), "proxyPortRootPut")
+                .summary("HTTP to the sandbox's port (the caller's credentials are not passed on)")
+                .returns_text("*/*"),
+            ports::proxy_root,
+        )
+        .add(
+            put("/v1/sandboxes/{id}/ports/{port}/{*path}", Needs(Scope::SandboxPorts), "proxyPortPut")
+                .summary("HTTP to the sandbox's port (the caller's credentials are not passed on)")
+                .returns_text("*/*"),
+            ports::proxy,
+        )
+        .add(
+            patch("/v1/sandboxes/{id}/ports/{port}/", Needs(Scope::SandboxPorts), "proxyPortRootPatch")
+                .summary("HTTP to the sandbox's port (the caller's credentials are not passed on)")
+                .returns_text("*/*"),
+            ports::proxy_root,
+        )
+        .add(
+            patch("/v1/sandboxes/{id}/ports/{port}/{*path}", Needs(Scope::SandboxPorts), "proxyPortPatch")
+                .summary("HTTP to the sandbox's port (the caller's credentials are not passed on)")
+                .returns_text("*/*"),
+            ports::proxy,
+        )
+        .add(
+            delete("/v1/sandboxes/{id}/ports/{port}/", Needs(Scope::SandboxPorts), "proxyPortRootDelete")
+                .summary("HTTP to the sandbox's port (the caller's credentials are not passed on)")
+                .returns_text("*/*"),
+            ports::proxy_root,
+        )
+        .add(
+            delete("/v1/sandboxes/{id}/ports/{port}/{*path}", Needs(Scope::SandboxPorts), "proxyPortDelete")
+                .summary("HTTP to the sandbox's port (the caller's credentials are not passed on)")
+                .returns_text("*/*"),
+            ports::proxy,
         )
         // ---- usage ----
         .add(

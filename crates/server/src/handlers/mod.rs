@@ -4,6 +4,7 @@ pub mod audit;
 pub mod execute;
 pub mod keys;
 pub mod meta;
+pub mod ports;
 pub mod sandboxes;
 pub mod usage;
 pub mod webhooks;

@@ -603,3 +603,111 @@ fn code_cells_share_state_like_a_notebook() {
         "language"
     );
 }
+
+const ECHO_SERVER: &str = r#"
+import json
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class Echo(BaseHTTPRequestHandler):
+    def reply(self):
+        n = int(self.headers.get("content-length") or 0)
+        out = json.dumps({
+            "method": self.command, "path": self.path,
+            "authorization": self.headers.get("authorization"),
+            "apiKey": self.headers.get("x-api-key"),
+            "body": self.rfile.read(n).decode(),
+        }).encode()
+        self.send_response(201)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = reply
+    def log_message(self, *args):
+        pass
+HTTPServer(("127.0.0.1", 8000), Echo).serve_forever()
+"#;
+
+#[test]
+fn an_opened_port_is_reached_through_sandgate_without_the_callers_key() {
+    if !jail_available() {
+        return;
+    }
+    let app = TestApp::start();
+    let admin = app.admin();
+    let id = create(&admin, json!({}))["id"].as_str().unwrap().to_owned();
+    let put = admin
+        .raw(
+            Method::PUT,
+            &format!("/v1/sandboxes/{id}/files?path=/workspace/echo.py"),
+            &[],
+            Some(ECHO_SERVER.as_bytes()),
+        )
+        .unwrap();
+    assert_eq!(put.status, 200);
+    exec(
+        &admin,
+        &id,
+        json!({"command": "nohup python3 /workspace/echo.py > /dev/null 2>&1 &"}),
+    );
+    // Not opened yet: 404.
+    let proxied = |path: &str| format!("/v1/sandboxes/{id}/ports/8000/{path}");
+    assert_error(&get(&admin, &proxied("x")), 404, "NOT_FOUND");
+    let r = admin.post_json(&format!("/v1/sandboxes/{id}/ports"), &json!({"port": 8000}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let url = r.json()["url"].as_str().unwrap().to_owned();
+    assert!(
+        url.ends_with(&format!("/v1/sandboxes/{id}/ports/8000/")),
+        "{url}"
+    );
+    // Wait for the server inside to listen.
+    let started = Instant::now();
+    let answer = loop {
+        let r = get(&admin, &proxied("a/b?x=1"));
+        if r.status == 201 {
+            break r.json();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{}", r.text());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(answer["method"], "GET");
+    assert_eq!(answer["path"], "/a/b?x=1");
+    assert_eq!(
+        answer["authorization"],
+        Value::Null,
+        "the caller's key leaked"
+    );
+    assert_eq!(answer["apiKey"], Value::Null);
+    let r = admin.post_json(&proxied("submit"), &json!({"n": 1}));
+    assert_eq!(r.status, 201);
+    assert_eq!(r.json()["body"], "{\"n\":1}");
+    assert_eq!(r.json()["method"], "POST");
+    // Root path too.
+    assert_eq!(get(&admin, &proxied("")).json()["path"], "/");
+    // Without the scope, with another tenant's key, or without a key: refused.
+    let no_ports = app.key_with(&["sandbox:read"]);
+    let r = get(&app.client(&no_ports), &proxied("x"));
+    assert_eq!(
+        assert_error(&r, 403, "FORBIDDEN")["error"]["requiredScope"],
+        "sandbox:ports"
+    );
+    let (other, _) = app.create_key(json!({"name": "b", "tenant": "beta", "profile": "admin"}));
+    assert_error(&get(&app.client(&other), &proxied("x")), 404, "NOT_FOUND");
+    assert_error(&app.get(None, &proxied("x")), 401, "UNAUTHORIZED");
+    // A port where nothing listens inside: the host's listener is never reached.
+    let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    host.set_nonblocking(true).unwrap();
+    let host_port = host.local_addr().unwrap().port();
+    admin.post_json(
+        &format!("/v1/sandboxes/{id}/ports"),
+        &json!({"port": host_port}),
+    );
+    let r = get(&admin, &format!("/v1/sandboxes/{id}/ports/{host_port}/"));
+    assert_error(&r, 409, "CONFLICT");
+    assert!(host.accept().is_err(), "the proxy reached a host port");
+    // Closing it.
+    assert_eq!(
+        delete(&admin, &format!("/v1/sandboxes/{id}/ports/8000")).status,
+        204
+    );
+    assert_error(&get(&admin, &proxied("x")), 404, "NOT_FOUND");
+}
