@@ -89,22 +89,27 @@ pub fn parse_day(s: &str) -> Option<i64> {
 
 type Cell = (String, Env, UsageCounts);
 
+/// key id → day → deltas.
+type Pending = HashMap<String, HashMap<i64, Cell>>;
+
 /// In-memory deltas since the last flush.
 #[derive(Debug, Default)]
 pub struct UsageRecorder {
-    pending: Mutex<HashMap<(i64, String), Cell>>,
+    pending: Mutex<Pending>,
 }
 
 impl UsageRecorder {
+    /// On the hot path: a known key costs a lock and two lookups, no allocation.
     fn bump(&self, p: &Principal, f: impl FnOnce(&mut UsageCounts)) {
         let day = day_of(Timestamp::now());
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let cell = match pending.get_mut(&(day, p.key_id.clone())) {
-            Some(c) => c,
-            None => pending
-                .entry((day, p.key_id.clone()))
-                .or_insert_with(|| (p.tenant.clone(), p.env, UsageCounts::default())),
+        let days = match pending.get_mut(p.key_id.as_str()) {
+            Some(days) => days,
+            None => pending.entry(p.key_id.clone()).or_default(),
         };
+        let cell = days
+            .entry(day)
+            .or_insert_with(|| (p.tenant.clone(), p.env, UsageCounts::default()));
         f(&mut cell.2);
     }
 
@@ -130,29 +135,34 @@ impl UsageRecorder {
 
     /// Adds every pending delta to the store; on failure they stay for the next flush.
     pub async fn flush(&self, store: &Arc<dyn UsageStore>) -> Result<(), StoreError> {
-        let taken: HashMap<(i64, String), Cell> =
+        let taken: Pending =
             std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         if taken.is_empty() {
             return Ok(());
         }
         let rows: Vec<UsageRow> = taken
             .iter()
-            .map(|((day, key_id), (tenant, env, counts))| UsageRow {
-                day: *day,
-                key_id: key_id.clone(),
-                tenant: tenant.clone(),
-                env: *env,
-                counts: *counts,
+            .flat_map(|(key_id, days)| {
+                days.iter()
+                    .map(move |(day, (tenant, env, counts))| UsageRow {
+                        day: *day,
+                        key_id: key_id.clone(),
+                        tenant: tenant.clone(),
+                        env: *env,
+                        counts: *counts,
+                    })
             })
             .collect();
         if let Err(e) = store.add_usage(&rows).await {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            for (k, (tenant, env, counts)) in taken {
-                pending
-                    .entry(k)
-                    .or_insert_with(|| (tenant, env, UsageCounts::default()))
-                    .2
-                    .add(&counts);
+            for (key_id, days) in taken {
+                let mine = pending.entry(key_id).or_default();
+                for (day, (tenant, env, counts)) in days {
+                    mine.entry(day)
+                        .or_insert_with(|| (tenant, env, UsageCounts::default()))
+                        .2
+                        .add(&counts);
+                }
             }
             return Err(e);
         }

@@ -136,6 +136,32 @@ CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
 CREATE INDEX webhook_deliveries_hook ON webhook_deliveries (webhook_id);
 CREATE TABLE webhook_once (marker TEXT PRIMARY KEY, created_at INTEGER NOT NULL);
 "#,
+    // The audit log without AUTOINCREMENT: rows are never deleted from the top, so
+    // a plain rowid never repeats, and each insert skips a sqlite_sequence update.
+    r#"
+CREATE TABLE audit_log_v5 (
+    seq INTEGER PRIMARY KEY,
+    time INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    client_ip TEXT,
+    method TEXT,
+    path TEXT,
+    key_id TEXT,
+    key_prefix TEXT,
+    actor_key_id TEXT,
+    tenant TEXT,
+    env TEXT,
+    outcome TEXT NOT NULL,
+    reason TEXT,
+    request_id TEXT
+);
+INSERT INTO audit_log_v5 SELECT seq, time, event, client_ip, method, path, key_id, key_prefix,
+    actor_key_id, tenant, env, outcome, reason, request_id FROM audit_log;
+DROP TABLE audit_log;
+ALTER TABLE audit_log_v5 RENAME TO audit_log;
+CREATE INDEX audit_log_tenant ON audit_log (tenant, env, seq);
+CREATE INDEX audit_log_key ON audit_log (key_id, seq);
+"#,
 ];
 
 const KEY_COLUMNS: &str = "id, name, description, env, tenant, scopes, prefix, hash, created_at, \
