@@ -14,4 +14,5 @@ pub mod sandboxes;
 pub mod scopes;
 pub mod store;
 pub mod usage;
+mod warm;
 pub mod webhooks;

@@ -252,51 +252,9 @@ pub struct SandboxManager {
     /// not wait for a disk flush.
     records: tokio::sync::mpsc::UnboundedSender<SandboxRecord>,
     live: Mutex<HashMap<String, Arc<Live>>>,
-    warm: Arc<WarmPool>,
+    warm: Arc<crate::warm::WarmPool>,
     /// Told of `sandbox.created` and `sandbox.killed` (webhooks).
     events: Option<Arc<dyn EventSink>>,
-}
-
-/// Built sandboxes nobody owns yet, refilled in the background.
-#[derive(Default)]
-struct WarmPool {
-    ready: Mutex<Vec<sandgate_jail::Sandbox>>,
-    wanted: tokio::sync::Notify,
-    closed: std::sync::atomic::AtomicBool,
-}
-
-impl WarmPool {
-    fn take(&self) -> Option<sandgate_jail::Sandbox> {
-        let s = self.ready.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        self.wanted.notify_one();
-        s
-    }
-
-    /// Keeps `size` sandboxes ready until closed.
-    async fn fill(self: Arc<Self>, jail: Arc<Jail>, spec: Spec, size: usize) {
-        use std::sync::atomic::Ordering;
-        loop {
-            while !self.closed.load(Ordering::Relaxed)
-                && self.ready.lock().unwrap_or_else(|p| p.into_inner()).len() < size
-            {
-                let (jail, spec) = (Arc::clone(&jail), spec.clone());
-                match tokio::task::spawn_blocking(move || jail.create_sandbox(&spec)).await {
-                    Ok(Ok(s)) if self.closed.load(Ordering::Relaxed) => {
-                        let _ = tokio::task::spawn_blocking(move || drop(s)).await;
-                    }
-                    Ok(Ok(s)) => self.ready.lock().unwrap_or_else(|p| p.into_inner()).push(s),
-                    other => {
-                        tracing::warn!(error = ?other.err(), "could not warm a sandbox");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-            if self.closed.load(Ordering::Relaxed) {
-                return;
-            }
-            self.wanted.notified().await;
-        }
-    }
 }
 
 impl std::fmt::Debug for SandboxManager {
@@ -334,7 +292,7 @@ impl SandboxManager {
                 batch.clear();
             }
         });
-        let warm = Arc::new(WarmPool::default());
+        let warm = Arc::new(crate::warm::WarmPool::default());
         if let (Ok(jail), true) = (&jail, limits.warm_pool > 0) {
             let spec = sandbox_spec(&limits, limits.default_memory_mb, limits.default_cpus);
             tokio::spawn(Arc::clone(&warm).fill(Arc::clone(jail), spec, limits.warm_pool));
@@ -777,6 +735,7 @@ impl SandboxManager {
         Ok(PreparedExec {
             live,
             spec: Spec {
+                sandbox_dir_for_server: None,
                 argv,
                 env,
                 cwd,

@@ -124,6 +124,10 @@ pub struct Spec {
     pub stdin: Vec<u8>,
     pub files: Vec<SandboxFile>,
     pub limits: Limits,
+    /// `Some(size)`: `/sandbox` is left writable (by root only: the server fills
+    /// it later with [`Sandbox::write_path`]) with this size; `None`: it holds
+    /// `files` and is read-only.
+    pub sandbox_dir_for_server: Option<u64>,
 }
 
 /// Receives output as it is produced; `false` means nobody listens any more.
@@ -638,7 +642,8 @@ impl Jail {
             mode: 0o755,
         });
         let total: usize = spec.files.iter().map(|f| f.contents.len() + 4096).sum();
-        let sandbox_options = format!("size={},nr_inodes=1024,mode=0755", total + 65536);
+        let size = spec.sandbox_dir_for_server.unwrap_or(total as u64 + 65536);
+        let sandbox_options = format!("size={size},nr_inodes=1024,mode=0755");
         ops.push(tmpfs(
             at("/sandbox")?,
             nosuid_nodev,
@@ -651,13 +656,15 @@ impl Jail {
                 mode: 0o644,
             });
         }
-        ops.push(Op::Mount {
-            src: None,
-            dst: at("/sandbox")?,
-            fstype: None,
-            flags: libc::MS_REMOUNT | libc::MS_RDONLY | nosuid_nodev,
-            data: Some(cstr(sandbox_options.as_bytes())?),
-        });
+        if spec.sandbox_dir_for_server.is_none() {
+            ops.push(Op::Mount {
+                src: None,
+                dst: at("/sandbox")?,
+                fstype: None,
+                flags: libc::MS_REMOUNT | libc::MS_RDONLY | nosuid_nodev,
+                data: Some(cstr(sandbox_options.as_bytes())?),
+            });
+        }
 
         ops.push(Op::PivotRoot {
             path: cstr(root.as_os_str().as_bytes())?,

@@ -46,6 +46,8 @@ pub struct ExecLimits {
     pub max_concurrent: usize,
     /// How long a run waits for a free slot before it is refused.
     pub queue_wait: Duration,
+    /// Jails kept built and waiting for runs.
+    pub warm_pool: usize,
 }
 
 impl Default for ExecLimits {
@@ -65,6 +67,7 @@ impl Default for ExecLimits {
             tmpfs_bytes: 64 * 1024 * 1024,
             max_concurrent: 16,
             queue_wait: Duration::from_secs(10),
+            warm_pool: 4,
         }
     }
 }
@@ -253,6 +256,8 @@ pub struct Executor {
     slots: Arc<Semaphore>,
     /// The jail, or why this machine cannot jail (the server still serves the rest).
     jail: Result<Arc<Jail>, String>,
+    /// Jails built ahead of time; each serves one run, then is torn down.
+    warm: Arc<crate::warm::WarmPool>,
 }
 
 /// A held run slot; dropping it frees the slot.
@@ -290,12 +295,23 @@ pub fn base_env() -> Vec<(String, String)> {
 }
 
 impl Executor {
+    /// Starts keeping `warm_pool` jails ready when called inside a tokio runtime.
     pub fn new(limits: ExecLimits, jail: Result<Arc<Jail>, String>) -> Executor {
         let slots = Arc::new(Semaphore::new(limits.max_concurrent.max(1)));
+        let warm = Arc::new(crate::warm::WarmPool::default());
+        if let (Ok(j), Ok(runtime), true) = (
+            &jail,
+            tokio::runtime::Handle::try_current(),
+            limits.warm_pool > 0,
+        ) {
+            let spec = warm_spec(&limits, limits.default_memory_mb << 20);
+            runtime.spawn(Arc::clone(&warm).fill(Arc::clone(j), spec, limits.warm_pool));
+        }
         Executor {
             limits,
             slots,
             jail,
+            warm,
         }
     }
 
@@ -317,7 +333,10 @@ impl Executor {
         }
     }
 
-    /// Runs a validated request in a fresh jail, holding `slot` until it ends. The
+    /// Runs a validated request in a jail of its own, holding `slot` until it
+    /// ends. The jail is a warm one when one is ready (given this run's memory
+    /// limit), else built now; the run's files are written into its `/sandbox`,
+    /// the program runs inside, and the jail is torn down after the answer. The
     /// run finishes (within its deadline) even if the caller stops waiting.
     pub async fn run(&self, slot: Slot, run: Run) -> Result<ExecuteResponse, ExecError> {
         let jail = Arc::clone(
@@ -325,10 +344,30 @@ impl Executor {
                 .as_ref()
                 .map_err(|e| ExecError::Unavailable(e.clone()))?,
         );
-        let spec = self.spec(run);
+        let warm = self.warm.take();
+        let l = &self.limits;
+        let (memory, cpu) = (run.memory_bytes, millicores(l.cpus));
+        let fresh = warm_spec(l, memory);
+        let (files, program) = self.program(run);
         let outcome = tokio::task::spawn_blocking(move || {
-            let outcome = jail.run(&spec);
+            let sandbox = match warm {
+                Some(s) => {
+                    s.set_limits(memory, cpu)?;
+                    s
+                }
+                None => jail.create_sandbox(&fresh)?,
+            };
+            let outcome = (|| {
+                for f in &files {
+                    sandbox.write_path(&format!("/sandbox/{}", f.name), &f.contents, 0, 0)?;
+                }
+                let mut outcome = jail.exec(&sandbox, &program)?;
+                outcome.cpu_time = sandbox.cpu_time();
+                Ok::<_, io::Error>(outcome)
+            })();
             drop(slot);
+            // Whatever the program left behind dies with its jail, after the answer.
+            std::thread::spawn(move || sandbox.kill());
             outcome
         })
         .await
@@ -336,7 +375,8 @@ impl Executor {
         Ok(response_of(outcome))
     }
 
-    fn spec(&self, run: Run) -> Spec {
+    /// The files for `/sandbox` and the program to run.
+    fn program(&self, run: Run) -> (Vec<SandboxFile>, Spec) {
         let lang = run.language;
         let file_name = |path: &str| path.rsplit('/').next().unwrap_or(path).to_owned();
         let mut files = vec![SandboxFile {
@@ -362,23 +402,42 @@ impl Executor {
             .collect();
         env.extend(run.env);
         let l = &self.limits;
-        Spec {
+        let spec = Spec {
             argv: lang.argv(),
             env,
             cwd: "/workspace".to_owned(),
             stdin: run.stdin,
-            files,
+            files: Vec::new(),
             limits: Limits {
                 timeout: run.timeout,
-                memory_bytes: run.memory_bytes,
-                pids: l.pids,
-                cpu_millicores: (l.cpus * 1000.0).round().clamp(10.0, 1_000_000.0) as u32,
                 output_bytes: l.output_cap_bytes,
-                tmpfs_bytes: l.tmpfs_bytes,
                 file_size_bytes: l.tmpfs_bytes,
                 open_files: 1024,
+                ..Limits::default()
             },
-        }
+            sandbox_dir_for_server: None,
+        };
+        (files, spec)
+    }
+}
+
+fn millicores(cpus: f64) -> u32 {
+    (cpus * 1000.0).round().clamp(10.0, 1_000_000.0) as u32
+}
+
+/// The jail of a one-shot run: its `/sandbox` is filled by the server per run
+/// (code, prelude, data), so it is left writable by root, sized for the largest.
+fn warm_spec(l: &ExecLimits, memory_bytes: u64) -> Spec {
+    Spec {
+        limits: Limits {
+            memory_bytes,
+            pids: l.pids,
+            cpu_millicores: millicores(l.cpus),
+            tmpfs_bytes: l.tmpfs_bytes,
+            ..Limits::default()
+        },
+        sandbox_dir_for_server: Some((l.max_code_bytes + l.max_data_bytes + (1 << 20)) as u64),
+        ..Spec::default()
     }
 }
 
