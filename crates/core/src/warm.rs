@@ -15,6 +15,18 @@ pub(crate) struct WarmPool {
 }
 
 impl WarmPool {
+    /// Stops refilling and tears down what is ready.
+    pub(crate) async fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.wanted.notify_one();
+        let ready: Vec<_> =
+            std::mem::take(&mut *self.ready.lock().unwrap_or_else(|p| p.into_inner()));
+        if !ready.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || drop(ready)).await;
+        }
+    }
+
     pub(crate) fn take(&self) -> Option<sandgate_jail::Sandbox> {
         let s = self.ready.lock().unwrap_or_else(|p| p.into_inner()).pop();
         self.wanted.notify_one();

@@ -319,6 +319,11 @@ impl Executor {
         &self.limits
     }
 
+    /// Tears down the warm jails (server shutdown).
+    pub async fn shutdown(&self) {
+        self.warm.close().await;
+    }
+
     /// Why runs cannot happen here, when they cannot.
     pub fn unavailable(&self) -> Option<&str> {
         self.jail.as_ref().err().map(String::as_str)
