@@ -17,6 +17,8 @@ pub enum CredentialSource {
     StoredKey,
     /// A key from `SANDGATE_ADMIN_API_KEY` or `SANDGATE_API_KEYS`.
     EnvKey,
+    /// A JWT signed by the configured secret or a key of the configured JWKS (SPEC §8).
+    Jwt,
     /// A credential the auth callback allowed (SPEC §8).
     Callback,
     /// Auth mode `none`: nobody is authenticated, everybody is this principal.

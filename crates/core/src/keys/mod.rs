@@ -5,6 +5,7 @@ pub mod api;
 pub mod callback;
 pub mod env_keys;
 pub mod format;
+pub mod jwt;
 pub mod review;
 pub mod service;
 
