@@ -22,6 +22,7 @@ use sandgate_core::principal::Principal;
 use crate::callback::{Call, Decision, Presented};
 use crate::error::ApiError;
 use crate::extract::{Caller, Ctx};
+use crate::jwt::JwtCheck;
 use crate::request::RequestInfo;
 use crate::routes::{Access, Policy};
 use crate::state::{AppState, AuthMode};
@@ -237,7 +238,9 @@ async fn decide(
 }
 
 /// The credential's principal, from the sources in SPEC §8 order, first match wins:
-/// stored keys, environment keys, then the auth callback.
+/// stored keys, environment keys, JWTs, then the auth callback. A source "knows" a
+/// credential it can vouch for: a stored key (even revoked), an environment key, a
+/// JWT whose signature holds (even expired). Anything else goes on to the next.
 async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
@@ -270,12 +273,41 @@ async fn authenticate(
     if let Some(p) = state.env_keys().verify(credential) {
         return Ok(p);
     }
+    let mut unknown = Refusal::bad_credential(
+        ApiError::unauthorized("Invalid API key"),
+        unknown_reason,
+        None,
+    );
+    if let Some(jwt) = state.jwt() {
+        match jwt.check(credential).await {
+            None => {}
+            Some(JwtCheck::Valid(p)) => return Ok(p),
+            Some(JwtCheck::Refused {
+                reason,
+                subject,
+                detail,
+            }) => {
+                if reason == "jwt_invalid_claims" {
+                    tracing::warn!(request_id = %call.request_id, %subject, error = %detail, "JWT claims refused");
+                } else {
+                    tracing::debug!(request_id = %call.request_id, %subject, reason, error = %detail, "JWT refused");
+                }
+                return Err(Refusal::bad_credential(
+                    ApiError::unauthorized("Invalid token"),
+                    reason,
+                    None,
+                )
+                .subject(Some(subject)));
+            }
+            Some(JwtCheck::Unknown { reason, subject }) => {
+                unknown =
+                    Refusal::bad_credential(ApiError::unauthorized("Invalid token"), reason, None)
+                        .subject(Some(subject));
+            }
+        }
+    }
     let Some(callback) = state.auth_callback() else {
-        return Err(Refusal::bad_credential(
-            ApiError::unauthorized("Invalid API key"),
-            unknown_reason,
-            None,
-        ));
+        return Err(unknown);
     };
     let subject = || Some(callback_key_id(credential));
     match callback.decide(presented, call).await {

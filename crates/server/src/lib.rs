@@ -25,6 +25,7 @@ pub mod callback;
 pub mod error;
 pub mod extract;
 pub mod handlers;
+pub mod jwt;
 pub mod metrics;
 pub mod openapi;
 pub mod request;
@@ -32,6 +33,7 @@ pub mod routes;
 pub mod state;
 
 pub use callback::AuthCallbackConfig;
+pub use jwt::JwtConfig;
 pub use state::{AppState, AuthMode, ServerConfig};
 
 use crate::error::ApiError;

@@ -23,6 +23,7 @@ use sandgate_core::webhooks::delivery::DeliveryConfig;
 use sandgate_core::principal::Principal;
 
 use crate::callback::{AuthCallback, AuthCallbackConfig};
+use crate::jwt::{JwtConfig, JwtVerifier};
 use crate::metrics::Metrics;
 
 /// Whether requests are authenticated at all.
@@ -78,6 +79,8 @@ pub struct ServerConfig {
     pub env_api_keys: Vec<SecretKey>,
     /// `keys` (the default) or `none`.
     pub auth_mode: AuthMode,
+    /// JWTs (HS256 secret and/or JWKS), checked after environment keys.
+    pub jwt: Option<JwtConfig>,
     /// The last credential source, when configured: delegates the decision.
     pub auth_callback: Option<AuthCallbackConfig>,
     /// Bounds on runs and the server-wide cap on simultaneous runs.
@@ -117,6 +120,7 @@ impl ServerConfig {
             env_admin_key: None,
             env_api_keys: Vec::new(),
             auth_mode: AuthMode::Keys,
+            jwt: None,
             auth_callback: None,
             exec_limits: ExecLimits::default(),
             jail: JailConfig::default(),
@@ -164,6 +168,7 @@ struct Inner {
     usage: UsageRecorder,
     usage_store: Arc<dyn UsageStore>,
     env_keys: EnvKeys,
+    jwt: Option<JwtVerifier>,
     auth_callback: Option<AuthCallback>,
     /// Who everybody is in auth mode `none`.
     open_principal: Arc<Principal>,
@@ -192,6 +197,10 @@ impl AppState {
         let audit = AuditLog::start(Arc::clone(&audit_store));
         let env_keys = EnvKeys::new(config.env_admin_key.as_ref(), &config.env_api_keys);
         let auth_callback = config.auth_callback.as_ref().map(AuthCallback::new);
+        let jwt = config.jwt.as_ref().map(JwtVerifier::new);
+        if let Some(jwt) = &jwt {
+            jwt.prefetch().await;
+        }
         if config.auth_mode == AuthMode::Open {
             tracing::warn!("{AUTH_OFF_WARNING}; never expose this server to untrusted clients");
             if auth_callback.is_some() {
@@ -213,6 +222,7 @@ impl AppState {
             executor,
             sandboxes,
             env_keys,
+            jwt,
             auth_callback,
             open_principal: Arc::new(Principal::open()),
             config,
@@ -260,6 +270,10 @@ impl AppState {
         &self.0.env_keys
     }
 
+    pub fn jwt(&self) -> Option<&JwtVerifier> {
+        self.0.jwt.as_ref()
+    }
+
     pub fn auth_callback(&self) -> Option<&AuthCallback> {
         self.0.auth_callback.as_ref()
     }
@@ -276,6 +290,9 @@ impl AppState {
         let mut sources = vec!["stored API keys".to_owned()];
         if !self.0.env_keys.is_empty() {
             sources.push("environment keys".to_owned());
+        }
+        if let Some(jwt) = &self.0.jwt {
+            sources.push(jwt.describe());
         }
         if let Some(callback) = &self.0.auth_callback {
             sources.push(format!("auth callback {}", callback.display_url()));
