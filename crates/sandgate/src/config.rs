@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use sandgate_core::keys::format::SecretKey;
 use sandgate_core::net::IpNet;
-use sandgate_server::{AuthCallbackConfig, AuthMode, ServerConfig, TlsFiles};
+use sandgate_server::{AuthCallbackConfig, AuthMode, JwtConfig, ServerConfig, TlsFiles};
 use serde::Deserialize;
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
@@ -35,6 +35,14 @@ pub struct Layer {
     /// Cache the callback's "yes" this long; absent or 0: no cache.
     pub auth_callback_cache_ttl_ms: Option<u64>,
     pub webhook_allow_private: Option<bool>,
+    /// Verify RS256/ES256/EdDSA JWTs with the keys at this URL. (The HS256 secret
+    /// comes from `SANDGATE_JWT_SECRET` only.)
+    pub jwt_jwks_url: Option<String>,
+    pub jwt_issuer: Option<String>,
+    /// Accepted `aud` values; the environment gives them comma-separated.
+    pub jwt_audience: Option<Vec<String>>,
+    pub jwt_tenant_claim: Option<String>,
+    pub jwt_env_claim: Option<String>,
 }
 
 impl Layer {
@@ -79,6 +87,11 @@ impl Layer {
             webhook_allow_private: var("SANDGATE_WEBHOOK_ALLOW_PRIVATE")
                 .map(|v| flag(&v).context("SANDGATE_WEBHOOK_ALLOW_PRIVATE must be 1 or 0"))
                 .transpose()?,
+            jwt_jwks_url: var("SANDGATE_JWT_JWKS_URL"),
+            jwt_issuer: var("SANDGATE_JWT_ISSUER"),
+            jwt_audience: list("SANDGATE_JWT_AUDIENCE"),
+            jwt_tenant_claim: var("SANDGATE_JWT_TENANT_CLAIM"),
+            jwt_env_claim: var("SANDGATE_JWT_ENV_CLAIM"),
         })
     }
 
@@ -108,6 +121,11 @@ impl Layer {
                 .auth_callback_cache_ttl_ms
                 .or(below.auth_callback_cache_ttl_ms),
             webhook_allow_private: self.webhook_allow_private.or(below.webhook_allow_private),
+            jwt_jwks_url: self.jwt_jwks_url.or(below.jwt_jwks_url),
+            jwt_issuer: self.jwt_issuer.or(below.jwt_issuer),
+            jwt_audience: self.jwt_audience.or(below.jwt_audience),
+            jwt_tenant_claim: self.jwt_tenant_claim.or(below.jwt_tenant_claim),
+            jwt_env_claim: self.jwt_env_claim.or(below.jwt_env_claim),
         }
     }
 }
@@ -123,7 +141,19 @@ pub struct Settings {
 
 /// Merges env < file < flags into settings.
 pub fn resolve(env: Layer, file: Option<Layer>, flags: Layer) -> Result<Settings> {
-    let merged = flags.over(file.unwrap_or_default().over(env));
+    let secret = std::env::var("SANDGATE_JWT_SECRET").ok();
+    resolve_with_jwt_secret(env, file, flags, secret)
+}
+
+/// [`resolve`], with the HS256 secret given rather than read from the environment.
+fn resolve_with_jwt_secret(
+    env: Layer,
+    file: Option<Layer>,
+    flags: Layer,
+    jwt_secret: Option<String>,
+) -> Result<Settings> {
+    let mut merged = flags.over(file.unwrap_or_default().over(env));
+    let jwt = jwt_config(&mut merged, jwt_secret)?;
     let addr_text = merged.addr.unwrap_or_else(|| DEFAULT_ADDR.to_owned());
     let addr: SocketAddr = addr_text
         .parse()
@@ -190,6 +220,7 @@ pub fn resolve(env: Layer, file: Option<Layer>, flags: Layer) -> Result<Settings
         }
         None => None,
     };
+    server.jwt = jwt;
     let tls = match (merged.tls_cert, merged.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
         (None, None) => None,
@@ -201,6 +232,59 @@ pub fn resolve(env: Layer, file: Option<Layer>, flags: Layer) -> Result<Settings
         log: merged.log.unwrap_or_else(|| "info".to_owned()),
         tls,
     })
+}
+
+/// The JWT source, when a secret or a JWKS URL is configured.
+fn jwt_config(merged: &mut Layer, secret: Option<String>) -> Result<Option<JwtConfig>> {
+    let secret = secret.filter(|s| !s.trim().is_empty());
+    let jwks_url = merged.jwt_jwks_url.take().map(|u| u.trim().to_owned());
+    let mut jwt = JwtConfig::new();
+    let named = [
+        ("jwt_issuer", merged.jwt_issuer.is_some()),
+        ("jwt_audience", merged.jwt_audience.is_some()),
+        ("jwt_tenant_claim", merged.jwt_tenant_claim.is_some()),
+        ("jwt_env_claim", merged.jwt_env_claim.is_some()),
+    ];
+    if secret.is_none() && jwks_url.is_none() {
+        if let Some((name, _)) = named.iter().find(|(_, set)| *set) {
+            bail!(
+                "{name} is set but JWTs are off: set SANDGATE_JWT_SECRET or SANDGATE_JWT_JWKS_URL"
+            );
+        }
+        return Ok(None);
+    }
+    if let Some(secret) = secret {
+        if secret.len() < JwtConfig::MIN_SECRET_BYTES {
+            bail!(
+                "SANDGATE_JWT_SECRET must be at least {} bytes (256 bits) for HS256",
+                JwtConfig::MIN_SECRET_BYTES
+            );
+        }
+        jwt.secret = Some(SecretKey::new(secret));
+    }
+    if let Some(url) = jwks_url {
+        sandgate_server::callback::check_url(&url)
+            .map_err(|e| anyhow::anyhow!("jwt_jwks_url: {e}"))?;
+        jwt.jwks_url = Some(url);
+    }
+    jwt.issuer = merged.jwt_issuer.take().filter(|s| !s.trim().is_empty());
+    jwt.audience = merged
+        .jwt_audience
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| !a.trim().is_empty())
+        .collect();
+    if let Some(claim) = merged.jwt_tenant_claim.take() {
+        jwt.claims.tenant = claim.trim().to_owned();
+    }
+    if let Some(claim) = merged.jwt_env_claim.take() {
+        jwt.claims.env = claim.trim().to_owned();
+    }
+    if jwt.claims.tenant.is_empty() || jwt.claims.env.is_empty() {
+        bail!("jwt_tenant_claim and jwt_env_claim must not be empty");
+    }
+    Ok(Some(jwt))
 }
 
 /// A boolean setting from the environment: `1`/`true`/`yes` or `0`/`false`/`no`.
@@ -361,5 +445,60 @@ mod tests {
             ..Layer::default()
         };
         assert!(resolve(bad, None, Layer::default()).is_err());
+    }
+    #[test]
+    fn jwt_settings_layer_like_the_others_and_the_secret_comes_from_the_caller() {
+        let secret = || Some("s".repeat(JwtConfig::MIN_SECRET_BYTES));
+        let env = Layer {
+            jwt_issuer: Some("https://env.example".into()),
+            jwt_audience: Some(vec!["a1".into(), "a2".into()]),
+            ..Layer::default()
+        };
+        let file: Layer =
+            toml::from_str("jwt_issuer = \"https://file.example\"\njwt_tenant_claim = \"org\"")
+                .unwrap();
+        let s = resolve_with_jwt_secret(env, Some(file), Layer::default(), secret()).unwrap();
+        let jwt = s.server.jwt.unwrap();
+        assert_eq!(jwt.issuer.as_deref(), Some("https://file.example"));
+        assert_eq!(jwt.audience, ["a1", "a2"]);
+        assert_eq!(
+            (jwt.claims.tenant.as_str(), jwt.claims.env.as_str()),
+            ("org", "env")
+        );
+        assert_eq!(jwt.leeway, Duration::from_secs(30));
+        assert!(jwt.secret.is_some() && jwt.jwks_url.is_none());
+        let flags = Layer {
+            jwt_jwks_url: Some("https://idp.example/jwks.json".into()),
+            ..Layer::default()
+        };
+        let s = resolve_with_jwt_secret(Layer::default(), None, flags, None).unwrap();
+        let jwt = s.server.jwt.unwrap();
+        assert!(jwt.secret.is_none());
+        assert_eq!(
+            jwt.jwks_url.as_deref(),
+            Some("https://idp.example/jwks.json")
+        );
+        // Off without a secret or a JWKS; settings that need one say so.
+        let none = resolve_with_jwt_secret(Layer::default(), None, Layer::default(), None);
+        assert!(none.unwrap().server.jwt.is_none());
+        let orphan = Layer {
+            jwt_issuer: Some("x".into()),
+            ..Layer::default()
+        };
+        assert!(resolve_with_jwt_secret(orphan, None, Layer::default(), None).is_err());
+        let short = resolve_with_jwt_secret(
+            Layer::default(),
+            None,
+            Layer::default(),
+            Some("short".into()),
+        );
+        assert!(short.unwrap_err().to_string().contains("256 bits"));
+        let bad_url = Layer {
+            jwt_jwks_url: Some("idp.example/jwks".into()),
+            ..Layer::default()
+        };
+        assert!(resolve_with_jwt_secret(bad_url, None, Layer::default(), None).is_err());
+        // The secret is never read from a file.
+        assert!(toml::from_str::<Layer>("jwt_secret = \"x\"").is_err());
     }
 }

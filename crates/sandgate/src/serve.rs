@@ -41,6 +41,15 @@ pub struct ServeArgs {
     /// Delegate the decision on credentials no other source knows to this URL.
     #[arg(long)]
     auth_callback_url: Option<String>,
+    /// Accept JWTs signed by the keys of this JWKS (RS256, ES256, EdDSA).
+    #[arg(long)]
+    jwt_jwks_url: Option<String>,
+    /// Require this `iss` in JWTs.
+    #[arg(long)]
+    jwt_issuer: Option<String>,
+    /// Require one of these `aud` values in JWTs (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    jwt_audience: Vec<String>,
 }
 
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
@@ -54,6 +63,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         auth_mode: args.auth_mode,
         allow_open_on_public: args.allow_open_on_public.then_some(true),
         auth_callback_url: args.auth_callback_url,
+        jwt_jwks_url: args.jwt_jwks_url,
+        jwt_issuer: args.jwt_issuer,
+        jwt_audience: (!args.jwt_audience.is_empty()).then_some(args.jwt_audience),
         ..Layer::default()
     };
     let settings = config::resolve(Layer::from_env()?, file, flags)?;
