@@ -7,6 +7,7 @@ mod containment;
 mod errors;
 mod execute;
 mod isolation;
+mod jwt;
 mod keys;
 mod limits;
 mod openapi;
