@@ -19,6 +19,14 @@ use crate::cgroup::{Group, GroupLimits};
 use crate::child::{self, ChildFds, Mode, Report, Stage};
 use crate::{Child, Jail, Outcome, OutputStream, RUN_SEQ, Spec, Status, Streams, pipe, write_all};
 
+/// The priority of a sandbox's init (setup and teardown work), 19 the lowest.
+const INIT_NICE: libc::c_int = 15;
+
+fn set_nice(pid: libc::pid_t, nice: libc::c_int) {
+    // SAFETY: setpriority on our own child; no memory effects.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, nice) };
+}
+
 /// How long a sandbox's init may take to build the jail.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// After an exec's program exits, how long output still in flight is collected
@@ -109,6 +117,10 @@ impl Jail {
             pid: pid as libc::pid_t,
             reaped: false,
         };
+        // Building and tearing down a sandbox is background work (warm pools):
+        // the init runs at a low priority, so that programs already running keep
+        // the CPU. What runs inside is started by the server, at its priority.
+        set_nice(init.pid, INIT_NICE);
         group.attach(init.pid)?;
         write_all(&go.1, b"g")?;
         drop(go.1);
@@ -388,6 +400,7 @@ impl Sandbox {
         if let Some(group) = self.group.take() {
             // Thaw first: frozen processes cannot die.
             let _ = group.set_frozen(false);
+            set_nice(self.init.pid, INIT_NICE);
             self.init.kill();
             let _ = self.init.wait();
             group.kill_all();
