@@ -30,8 +30,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sandgate_client::Client;
+use sandgate_core::keys::format::SecretKey;
 use sandgate_core::model::RateLimit;
-use sandgate_server::{AppState, ServerConfig};
+use sandgate_server::{AppState, AuthCallbackConfig, JwtConfig, ServerConfig};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -52,7 +53,15 @@ fn main() -> ExitCode {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
 
-    let server = Server::start();
+    // The peers of the other credential sources: a JWKS and an auth callback.
+    let jwks_url = serve_forever(
+        serde_json::to_vec(&json!({"keys": [{
+            "kty": "RSA", "kid": "bench", "alg": "RS256", "use": "sig", "n": RSA_N, "e": "AQAB"
+        }]}))
+        .expect("JSON"),
+    );
+    let callback_url = serve_forever(Vec::new());
+    let server = Server::start(jwks_url, callback_url);
     let admin = Client::new(&server.url, Some(server.admin_key.clone()));
     let create = |body: serde_json::Value| -> String {
         let created = admin.create_key(&body).expect("create key");
@@ -65,6 +74,29 @@ fn main() -> ExitCode {
         "rateLimits": [NEVER_REFUSING],
     }));
 
+    let claims = json!({
+        "sub": "bench", "scope": "sandbox:execute",
+        "exp": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            + 3600,
+    });
+    let hs256 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("HS256 token");
+    let mut rs_header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    rs_header.kid = Some("bench".into());
+    let rs256 = jsonwebtoken::encode(
+        &rs_header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_rsa_der(RSA_DER),
+    )
+    .expect("RS256 token");
+
     let scenarios = [
         Scenario::new("healthz (no auth)", "/healthz", None),
         Scenario::new("whoami (valid key)", "/v1/auth/whoami", Some(&plain_key)),
@@ -72,6 +104,13 @@ fn main() -> ExitCode {
             "whoami (rate-limited key)",
             "/v1/auth/whoami",
             Some(&limited_key),
+        ),
+        Scenario::new("whoami (JWT HS256)", "/v1/auth/whoami", Some(&hs256)),
+        Scenario::new("whoami (JWT RS256)", "/v1/auth/whoami", Some(&rs256)),
+        Scenario::new(
+            "whoami (auth callback)",
+            "/v1/auth/whoami",
+            Some("opaque-token-the-callback-knows"),
         ),
     ];
     let load = tokio::runtime::Builder::new_current_thread()
@@ -111,6 +150,13 @@ fn main() -> ExitCode {
         whoami.throughput() / health.throughput(),
         limited.throughput() / health.throughput(),
         limited.throughput() / whoami.throughput(),
+    );
+    println!(
+        "by credential source, against healthz: stored key {:.2}, JWT HS256 {:.2}, JWT RS256 {:.2}, callback {:.2}",
+        whoami.throughput() / health.throughput(),
+        results[3].throughput() / health.throughput(),
+        results[4].throughput() / health.throughput(),
+        results[5].throughput() / health.throughput(),
     );
 
     println!();
@@ -187,9 +233,14 @@ struct Server {
 }
 
 impl Server {
-    fn start() -> Server {
+    fn start(jwks_url: String, callback_url: String) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = ServerConfig::new(dir.path());
+        let mut config = ServerConfig::new(dir.path());
+        let mut jwt = JwtConfig::new();
+        jwt.secret = Some(SecretKey::new(JWT_SECRET.to_owned()));
+        jwt.jwks_url = Some(jwks_url);
+        config.jwt = Some(jwt);
+        config.auth_callback = Some(AuthCallbackConfig::new(callback_url));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -234,6 +285,66 @@ impl Server {
         let _ = self.stop.send(());
         self.thread.join().expect("server thread");
     }
+}
+
+// ---- the other credential sources' peers ----
+
+const JWT_SECRET: &str = "bench-secret-bench-secret-bench-secret-0123";
+/// A throwaway RSA key made for this benchmark (its public half is served as the JWKS).
+const RSA_DER: &[u8] = include_bytes!("fixtures/bench-rsa.der");
+const RSA_N: &str = "obMEUPRLoMZwGGogn29xWGMNgpNkF8q9Ycl5Q8TC4matEgf7gCt_ED0EFiR2o1Kd67LkkgyMzrbSxNXdbGZrEMjbxJChrV9fry08YkQQ8htWdrWs0BIe3pNf4monXWlUJWl1F8U_mox0DHaWr05fG9n919GOOwUeCddcJ2h05s2SIYmYzr8QZgVa9_1nM_J5D4f4NSw-aeJdiWU0_OTXnODqnbMdK4CJNNa_fTQi6S1BCt199pqdDgbDcP8bv3EHZqJQoWa4_gbjLfZhQIFB_bFv4ey5nbLjLGX1L1XDJqnfVzxskUHCd49dQf0GV_ZNmcnAzSUzvk7aMrtplLPK8w";
+
+/// A keep-alive HTTP/1.1 server on 127.0.0.1 that answers every request with 200
+/// and `body` (JSON when not empty): the JWKS, and an auth callback that allows.
+fn serve_forever(body: Vec<u8>) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind peer");
+    let url = format!("http://{}/", listener.local_addr().expect("addr"));
+    let body = Arc::new(body);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let body = Arc::clone(&body);
+            std::thread::spawn(move || {
+                let _ = conn.set_nodelay(true);
+                let mut writer = conn.try_clone().expect("clone stream");
+                let mut reader = BufReader::new(conn);
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut discard = vec![0u8; length];
+                    if reader.read_exact(&mut discard).is_err() {
+                        return;
+                    }
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if writer.write_all(head.as_bytes()).is_err()
+                        || writer.write_all(&body).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
 }
 
 // ---- the load generator ----
