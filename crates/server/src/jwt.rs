@@ -25,6 +25,7 @@ use sandgate_core::keys::jwt::{
 };
 use sandgate_core::principal::Principal;
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::callback::display_url;
 
@@ -123,7 +124,17 @@ pub struct JwtVerifier {
     config: JwtConfig,
     secret: Option<DecodingKey>,
     jwks: Option<Jwks>,
+    /// Tokens that verified lately (by SHA-256), until their `exp` but at most
+    /// [`VERIFIED_TTL`]: a client sends the same token many times, and an RSA
+    /// verification costs tens of microseconds. The short bound keeps a key taken
+    /// out of the JWKS from being honoured for long.
+    verified: std::sync::Mutex<HashMap<[u8; 32], (Arc<Principal>, u64)>>,
 }
+
+/// Longest a verified token is trusted without being verified again.
+const VERIFIED_TTL: u64 = 60;
+/// Verified tokens remembered at most (the cache empties when full).
+const VERIFIED_MAX: usize = 10_000;
 
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -142,6 +153,7 @@ impl JwtVerifier {
                 .map(|s| DecodingKey::from_secret(s.expose().as_bytes())),
             jwks: config.jwks_url.as_deref().map(|url| Jwks::new(url, config)),
             config: config.clone(),
+            verified: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -168,6 +180,17 @@ impl JwtVerifier {
     pub async fn check(&self, token: &str) -> Option<JwtCheck> {
         if !looks_like_jwt(token) {
             return None;
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = unix_now();
+        if let Some((principal, until)) = self
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&digest)
+            && now < *until
+        {
+            return Some(JwtCheck::Valid(Arc::clone(principal)));
         }
         let unknown = |reason| JwtCheck::Unknown {
             reason,
@@ -199,7 +222,17 @@ impl JwtVerifier {
             Err(e) => return Some(self.failed(token, &verifying, e)),
         };
         Some(match jwt_principal(&claims, &self.config.claims) {
-            Ok(principal) => JwtCheck::Valid(Arc::new(principal)),
+            Ok(principal) => {
+                let principal = Arc::new(principal);
+                let exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(now);
+                let until = exp.min(now + VERIFIED_TTL);
+                let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+                if verified.len() >= VERIFIED_MAX {
+                    verified.clear();
+                }
+                verified.insert(digest, (Arc::clone(&principal), until));
+                JwtCheck::Valid(principal)
+            }
             Err(e) => JwtCheck::Refused {
                 reason: "jwt_invalid_claims",
                 subject: subject(&claims).map_or_else(|_| unverified_jwt_id(token), jwt_key_id),
@@ -267,6 +300,12 @@ impl JwtVerifier {
             detail: e.to_string(),
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The JWKS and when it was fetched.
