@@ -128,8 +128,11 @@ pub struct JwtVerifier {
     /// [`VERIFIED_TTL`]: a client sends the same token many times, and an RSA
     /// verification costs tens of microseconds. The short bound keeps a key taken
     /// out of the JWKS from being honoured for long.
-    verified: std::sync::Mutex<HashMap<[u8; 32], (Arc<Principal>, u64)>>,
+    verified: std::sync::Mutex<HashMap<[u8; 32], Verified>>,
 }
+
+/// A verified token's principal, and until when (unix seconds) it is trusted.
+type Verified = (Arc<Principal>, u64);
 
 /// Longest a verified token is trusted without being verified again.
 const VERIFIED_TTL: u64 = 60;
