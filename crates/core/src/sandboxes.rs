@@ -60,7 +60,7 @@ impl Default for SandboxLimits {
             max_cpus: 2.0,
             pids: 256,
             tmpfs_bytes: 512 << 20,
-            warm_pool: 8,
+            warm_pool: 64,
             default_exec_timeout_ms: 60_000,
             max_exec_timeout_ms: 3_600_000,
             output_cap_bytes: 1 << 20,

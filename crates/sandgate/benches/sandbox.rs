@@ -7,7 +7,8 @@
 //!   own processes below) with N idle sandboxes, per sandbox;
 //! - then kills everything.
 //!
-//! Settings: `SANDGATE_BENCH_IDLE` idle sandboxes to hold (500). Needs root.
+//! Settings: `SANDGATE_BENCH_IDLE` idle sandboxes to hold (500),
+//! `SANDGATE_BENCH_WARM` the warm pool size (default: the server's). Needs root.
 
 use std::process::ExitCode;
 use std::thread::JoinHandle;
@@ -26,7 +27,10 @@ fn main() -> ExitCode {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(500);
-    let server = Server::start(idle + 100);
+    let warm: Option<usize> = std::env::var("SANDGATE_BENCH_WARM")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let server = Server::start(idle + 100, warm);
     let client = Client::new(&server.url, Some(server.admin_key.clone()));
     let create = |c: &Client| -> (Duration, String) {
         let t = Instant::now();
@@ -44,9 +48,12 @@ fn main() -> ExitCode {
             .expect("kill");
     };
     println!(
-        "sandgate sandbox benchmark, {} CPUs",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "sandgate sandbox benchmark, {} CPUs, warm pool {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        warm.map_or("default (8)".to_owned(), |n| n.to_string())
     );
+    // Let the warm pool fill before measuring.
+    std::thread::sleep(Duration::from_secs(2));
 
     // One at a time.
     let mut seq = Vec::new();
@@ -200,10 +207,13 @@ struct Server {
 }
 
 impl Server {
-    fn start(max_sandboxes: usize) -> Server {
+    fn start(max_sandboxes: usize, warm: Option<usize>) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = ServerConfig::new(dir.path());
         config.sandbox_limits.max_per_tenant = max_sandboxes;
+        if let Some(n) = warm {
+            config.sandbox_limits.warm_pool = n;
+        }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

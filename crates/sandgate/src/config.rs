@@ -35,6 +35,14 @@ pub struct Layer {
     /// Cache the callback's "yes" this long; absent or 0: no cache.
     pub auth_callback_cache_ttl_ms: Option<u64>,
     pub webhook_allow_private: Option<bool>,
+    /// Runs in progress at once, server-wide.
+    pub max_concurrent_runs: Option<usize>,
+    /// Live sandboxes one tenant may have.
+    pub max_sandboxes_per_tenant: Option<usize>,
+    /// Jails kept built for one-shot runs.
+    pub run_warm_pool: Option<usize>,
+    /// Sandboxes kept built for creates.
+    pub sandbox_warm_pool: Option<usize>,
     /// Verify RS256/ES256/EdDSA JWTs with the keys at this URL. (The HS256 secret
     /// comes from `SANDGATE_JWT_SECRET` only.)
     pub jwt_jwks_url: Option<String>,
@@ -56,6 +64,15 @@ impl Layer {
                     v.trim()
                         .parse::<u64>()
                         .with_context(|| format!("{name} must be a number of milliseconds"))
+                })
+                .transpose()
+        };
+        let count = |name: &str| {
+            var(name)
+                .map(|v| {
+                    v.trim()
+                        .parse::<usize>()
+                        .with_context(|| format!("{name} must be a whole number"))
                 })
                 .transpose()
         };
@@ -84,6 +101,10 @@ impl Layer {
             auth_callback_url: var("SANDGATE_AUTH_CALLBACK_URL"),
             auth_callback_timeout_ms: millis("SANDGATE_AUTH_CALLBACK_TIMEOUT_MS")?,
             auth_callback_cache_ttl_ms: millis("SANDGATE_AUTH_CALLBACK_CACHE_TTL_MS")?,
+            max_concurrent_runs: count("SANDGATE_MAX_CONCURRENT_RUNS")?,
+            max_sandboxes_per_tenant: count("SANDGATE_MAX_SANDBOXES_PER_TENANT")?,
+            run_warm_pool: count("SANDGATE_RUN_WARM_POOL")?,
+            sandbox_warm_pool: count("SANDGATE_SANDBOX_WARM_POOL")?,
             webhook_allow_private: var("SANDGATE_WEBHOOK_ALLOW_PRIVATE")
                 .map(|v| flag(&v).context("SANDGATE_WEBHOOK_ALLOW_PRIVATE must be 1 or 0"))
                 .transpose()?,
@@ -121,6 +142,12 @@ impl Layer {
                 .auth_callback_cache_ttl_ms
                 .or(below.auth_callback_cache_ttl_ms),
             webhook_allow_private: self.webhook_allow_private.or(below.webhook_allow_private),
+            max_concurrent_runs: self.max_concurrent_runs.or(below.max_concurrent_runs),
+            max_sandboxes_per_tenant: self
+                .max_sandboxes_per_tenant
+                .or(below.max_sandboxes_per_tenant),
+            run_warm_pool: self.run_warm_pool.or(below.run_warm_pool),
+            sandbox_warm_pool: self.sandbox_warm_pool.or(below.sandbox_warm_pool),
             jwt_jwks_url: self.jwt_jwks_url.or(below.jwt_jwks_url),
             jwt_issuer: self.jwt_issuer.or(below.jwt_issuer),
             jwt_audience: self.jwt_audience.or(below.jwt_audience),
@@ -175,6 +202,21 @@ fn resolve_with_jwt_secret(
     )?;
     server.allowed_ips = nets(merged.allowed_ips.unwrap_or_default(), "allowed IPs")?;
     server.webhook_allow_private = merged.webhook_allow_private.unwrap_or(false);
+    if let Some(n) = merged.max_concurrent_runs {
+        if n == 0 {
+            bail!("max_concurrent_runs must be at least 1");
+        }
+        server.exec_limits.max_concurrent = n;
+    }
+    if let Some(n) = merged.max_sandboxes_per_tenant {
+        server.sandbox_limits.max_per_tenant = n;
+    }
+    if let Some(n) = merged.run_warm_pool {
+        server.exec_limits.warm_pool = n;
+    }
+    if let Some(n) = merged.sandbox_warm_pool {
+        server.sandbox_limits.warm_pool = n;
+    }
     // Secrets come from the environment only, never from a file or a flag.
     server.env_admin_key = std::env::var("SANDGATE_ADMIN_API_KEY")
         .ok()
@@ -311,6 +353,21 @@ fn nets(items: Vec<String>, what: &str) -> Result<Vec<IpNet>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_and_sandbox_capacities_come_from_the_file() {
+        let file: Layer = toml::from_str(
+            "max_concurrent_runs = 3\nmax_sandboxes_per_tenant = 5\nrun_warm_pool = 0\nsandbox_warm_pool = 7",
+        )
+        .unwrap();
+        let s = resolve(Layer::default(), Some(file), Layer::default()).unwrap();
+        assert_eq!(s.server.exec_limits.max_concurrent, 3);
+        assert_eq!(s.server.sandbox_limits.max_per_tenant, 5);
+        assert_eq!(s.server.exec_limits.warm_pool, 0);
+        assert_eq!(s.server.sandbox_limits.warm_pool, 7);
+        let zero: Layer = toml::from_str("max_concurrent_runs = 0").unwrap();
+        assert!(resolve(Layer::default(), Some(zero), Layer::default()).is_err());
+    }
 
     #[test]
     fn flags_beat_file_beats_env() {

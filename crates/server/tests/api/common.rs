@@ -53,6 +53,9 @@ impl TestApp {
         config.key_sync_interval = std::time::Duration::from_millis(100);
         config.usage_flush_interval = std::time::Duration::from_millis(200);
         config.expiry_sweep_interval = std::time::Duration::from_millis(200);
+        // Small warm pools: every test starts its own server.
+        config.sandbox_limits.warm_pool = 2;
+        config.exec_limits.warm_pool = 2;
         tweak(&mut config);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
