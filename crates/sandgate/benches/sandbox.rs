@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     println!(
         "sandgate sandbox benchmark, {} CPUs, warm pool {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        warm.map_or("default (8)".to_owned(), |n| n.to_string())
+        warm.map_or("the server default".to_owned(), |n| n.to_string())
     );
     // Let the warm pool fill before measuring.
     std::thread::sleep(Duration::from_secs(2));
