@@ -62,6 +62,8 @@ fn main() -> ExitCode {
     );
     let callback_url = serve_forever(Vec::new());
     let server = Server::start(jwks_url, callback_url);
+    // Let the warm pools (jails for runs, sandboxes) fill: measure the steady state.
+    std::thread::sleep(Duration::from_secs(3));
     let admin = Client::new(&server.url, Some(server.admin_key.clone()));
     let create = |body: serde_json::Value| -> String {
         let created = admin.create_key(&body).expect("create key");

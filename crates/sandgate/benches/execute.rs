@@ -29,6 +29,8 @@ fn main() -> ExitCode {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     let server = Server::start();
+    // Let the warm pools (jails for runs, sandboxes) fill: measure the steady state.
+    std::thread::sleep(Duration::from_secs(3));
     let client = Client::new(&server.url, Some(server.admin_key.clone()));
     let body = json!({"language": "python", "code": "print(42)"});
     let api = |client: &Client| {
