@@ -277,33 +277,16 @@ impl Jail {
     }
 
     fn run_in(&self, spec: &Spec, ops: Vec<Op>, group: &cgroup::Group) -> io::Result<Outcome> {
-        let stdin = pipe()?;
-        let stdout = pipe()?;
-        let stderr = pipe()?;
-        let result = pipe()?;
-        let report = pipe()?;
-        let go = pipe()?;
+        let pipes = Pipes::new()?;
         let netns = self.net_pool.take();
         let plan = self.finish_plan(
             spec,
             ops,
-            ChildFds {
-                stdin: stdin.0.as_raw_fd(),
-                stdout: stdout.1.as_raw_fd(),
-                stderr: stderr.1.as_raw_fd(),
-                result: result.1.as_raw_fd(),
-                report: report.1.as_raw_fd(),
-                go: go.0.as_raw_fd(),
-            },
+            pipes.child_fds(),
             netns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
             Mode::OneShot,
         )?;
-
-        let mut flags =
-            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-        if netns.is_none() {
-            flags |= libc::CLONE_NEWNET;
-        }
+        let flags = namespace_flags(netns.is_none());
         // SAFETY: a fork-like clone (no shared VM, no new stack). The child runs only
         // `child::init`, which neither allocates nor returns.
         let pid = unsafe {
@@ -325,18 +308,17 @@ impl Jail {
         }
         let pid = pid as libc::pid_t;
         let started = Instant::now();
-        // The child's ends close here; only the child holds them now.
-        drop((stdin.0, stdout.1, stderr.1, result.1, report.1, go.0));
+        let ends = pipes.into_server_ends();
         let mut child = Child { pid, reaped: false };
 
         group.attach(pid)?;
-        write_all(&go.1, b"g")?;
-        drop(go.1);
+        write_all(&ends.go, b"g")?;
+        drop(ends.go);
 
         let mut streams = Streams::new(
-            stdin.1,
+            ends.stdin,
             &spec.stdin,
-            [stdout.0, stderr.0, result.0, report.0],
+            ends.readers,
             spec.limits.output_bytes,
         )?;
         let deadline = started + spec.limits.timeout;
@@ -370,49 +352,21 @@ impl Jail {
         let duration = started.elapsed();
         let reports = streams.reports();
         if let Some(r) = reports.iter().find(|r| r.kind == Report::SETUP_FAILED) {
-            let what = usize::try_from(r.stage)
-                .ok()
-                .and_then(|i| plan.ops.get(i))
-                .map_or_else(
-                    || Stage::describe(r.stage).to_owned(),
-                    |op| format!("{op:?}"),
-                );
-            return Err(io::Error::other(format!(
-                "jail setup failed ({what}): {}",
-                io::Error::from_raw_os_error(r.errno)
-            )));
+            return Err(setup_error("jail", r, &plan.ops));
         }
-        let program = reports.iter().find(|r| r.kind == Report::EXITED);
-        let (mut exit_code, mut signal) = (None, None);
-        if let Some(r) = program {
-            if libc::WIFEXITED(r.status) {
-                exit_code = Some(libc::WEXITSTATUS(r.status));
-            } else if libc::WIFSIGNALED(r.status) {
-                signal = Some(libc::WTERMSIG(r.status));
-            }
-        } else if ended_by.is_none() {
+        let (exit_code, signal) = program_end(&reports);
+        if exit_code.is_none() && signal.is_none() && ended_by.is_none() {
             return Err(io::Error::other(format!(
                 "the jail's init ended without a report (wait status {status})"
             )));
         }
-        let status = match (ended_by, exit_code, signal) {
-            (Some(s), _, _) => s,
-            (None, Some(code), _) => Status::Exited(code),
-            (None, None, Some(sig)) => Status::Signaled(sig),
-            (None, None, None) => Status::Signaled(libc::SIGKILL),
-        };
-        let [out, err, res] = streams.outputs;
-        Ok(Outcome {
-            status,
+        Ok(outcome(
+            ended_by,
             exit_code,
             signal,
-            truncated: out.truncated || err.truncated,
-            stdout: out.data,
-            stderr: err.data,
-            result: (!res.truncated && !res.data.is_empty()).then_some(res.data),
+            streams.outputs,
             duration,
-            cpu_time: Duration::ZERO,
-        })
+        ))
     }
 
     /// The filesystem steps of one run (allocation happens here, not in the child).
@@ -734,6 +688,121 @@ impl Jail {
             netns,
             mode,
         })
+    }
+}
+
+/// The six pipes between the server and a jail's child, `(read end, write end)`.
+pub(crate) struct Pipes {
+    stdin: (OwnedFd, OwnedFd),
+    stdout: (OwnedFd, OwnedFd),
+    stderr: (OwnedFd, OwnedFd),
+    result: (OwnedFd, OwnedFd),
+    report: (OwnedFd, OwnedFd),
+    go: (OwnedFd, OwnedFd),
+}
+
+/// The server's ends, once the child holds its own.
+pub(crate) struct ServerEnds {
+    pub(crate) stdin: OwnedFd,
+    /// stdout, stderr, result, report.
+    pub(crate) readers: [OwnedFd; 4],
+    pub(crate) go: OwnedFd,
+}
+
+impl Pipes {
+    pub(crate) fn new() -> io::Result<Pipes> {
+        Ok(Pipes {
+            stdin: pipe()?,
+            stdout: pipe()?,
+            stderr: pipe()?,
+            result: pipe()?,
+            report: pipe()?,
+            go: pipe()?,
+        })
+    }
+
+    /// The child's ends, as numbered here (the plan carries them across the clone).
+    pub(crate) fn child_fds(&self) -> ChildFds {
+        ChildFds {
+            stdin: self.stdin.0.as_raw_fd(),
+            stdout: self.stdout.1.as_raw_fd(),
+            stderr: self.stderr.1.as_raw_fd(),
+            result: self.result.1.as_raw_fd(),
+            report: self.report.1.as_raw_fd(),
+            go: self.go.0.as_raw_fd(),
+        }
+    }
+
+    /// After the clone: closes the child's ends here (only the child holds them
+    /// now), keeps the server's.
+    pub(crate) fn into_server_ends(self) -> ServerEnds {
+        ServerEnds {
+            stdin: self.stdin.1,
+            readers: [self.stdout.0, self.stderr.0, self.result.0, self.report.0],
+            go: self.go.1,
+        }
+    }
+}
+
+/// The namespaces a jail's init is cloned into (network only when no ready one
+/// is joined instead).
+pub(crate) fn namespace_flags(new_network: bool) -> libc::c_int {
+    let flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if new_network {
+        flags | libc::CLONE_NEWNET
+    } else {
+        flags
+    }
+}
+
+/// The error for a child that reported a failed setup step.
+pub(crate) fn setup_error(what: &str, r: &Report, ops: &[Op]) -> io::Error {
+    let step = usize::try_from(r.stage)
+        .ok()
+        .and_then(|i| ops.get(i))
+        .map_or_else(
+            || Stage::describe(r.stage).to_owned(),
+            |op| format!("{op:?}"),
+        );
+    io::Error::other(format!(
+        "{what} setup failed ({step}): {}",
+        io::Error::from_raw_os_error(r.errno)
+    ))
+}
+
+/// The program's exit code or signal, from its reported wait status.
+pub(crate) fn program_end(reports: &[Report]) -> (Option<i32>, Option<i32>) {
+    match reports.iter().find(|r| r.kind == Report::EXITED) {
+        Some(r) if libc::WIFEXITED(r.status) => (Some(libc::WEXITSTATUS(r.status)), None),
+        Some(r) if libc::WIFSIGNALED(r.status) => (None, Some(libc::WTERMSIG(r.status))),
+        _ => (None, None),
+    }
+}
+
+/// A run's outcome: how it ended (the jail's own reason first), and its output.
+pub(crate) fn outcome(
+    ended_by: Option<Status>,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    [out, err, res]: [Captured; 3],
+    duration: Duration,
+) -> Outcome {
+    let status = match (ended_by, exit_code, signal) {
+        (Some(s), _, _) => s,
+        (None, Some(code), _) => Status::Exited(code),
+        (None, None, Some(sig)) => Status::Signaled(sig),
+        (None, None, None) => Status::Signaled(libc::SIGKILL),
+    };
+    Outcome {
+        status,
+        exit_code,
+        signal,
+        truncated: out.truncated || err.truncated,
+        stdout: out.data,
+        stderr: err.data,
+        result: (!res.truncated && !res.data.is_empty()).then_some(res.data),
+        duration,
+        cpu_time: Duration::ZERO,
     }
 }
 

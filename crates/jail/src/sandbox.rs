@@ -16,8 +16,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::cgroup::{Group, GroupLimits};
-use crate::child::{self, ChildFds, Mode, Report, Stage};
-use crate::{Child, Jail, Outcome, OutputStream, RUN_SEQ, Spec, Status, Streams, pipe, write_all};
+use crate::child::{self, Mode, Report};
+use crate::{
+    Child, Jail, Outcome, OutputStream, Pipes, RUN_SEQ, Spec, Status, Streams, namespace_flags,
+    outcome, program_end, setup_error, write_all,
+};
 
 /// The priority of a sandbox's init (setup and teardown work), 19 the lowest.
 const INIT_NICE: libc::c_int = 15;
@@ -89,30 +92,17 @@ impl Jail {
         ops: Vec<child::Op>,
         group: &Group,
     ) -> io::Result<(Child, [OwnedFd; 6])> {
-        let (stdin, stdout, stderr, result, report, go) =
-            (pipe()?, pipe()?, pipe()?, pipe()?, pipe()?, pipe()?);
+        let pipes = Pipes::new()?;
         let netns = self.net_pool.take();
         let plan = self.finish_plan(
             spec,
             ops,
-            ChildFds {
-                stdin: stdin.0.as_raw_fd(),
-                stdout: stdout.1.as_raw_fd(),
-                stderr: stderr.1.as_raw_fd(),
-                result: result.1.as_raw_fd(),
-                report: report.1.as_raw_fd(),
-                go: go.0.as_raw_fd(),
-            },
+            pipes.child_fds(),
             netns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
             Mode::SandboxInit,
         )?;
-        let mut flags =
-            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-        if netns.is_none() {
-            flags |= libc::CLONE_NEWNET;
-        }
-        let pid = spawner::clone_init(&plan, flags)?;
-        drop((stdin, stdout, stderr, result, report.1, go.0));
+        let pid = spawner::clone_init(&plan, namespace_flags(netns.is_none()))?;
+        let ends = pipes.into_server_ends();
         let init = Child {
             pid: pid as libc::pid_t,
             reaped: false,
@@ -122,23 +112,15 @@ impl Jail {
         // the CPU. What runs inside is started by the server, at its priority.
         set_nice(init.pid, INIT_NICE);
         group.attach(init.pid)?;
-        write_all(&go.1, b"g")?;
-        drop(go.1);
-        let ready = read_report(&report.0, READY_TIMEOUT)?;
-        match ready {
+        write_all(&ends.go, b"g")?;
+        drop(ends.go);
+        // The init's program streams are unused: only its report is read.
+        let [stdout, stderr, result, report] = ends.readers;
+        drop((ends.stdin, stdout, stderr, result));
+        match read_report(&report, READY_TIMEOUT)? {
             Some(r) if r.kind == Report::READY => {}
             Some(r) if r.kind == Report::SETUP_FAILED => {
-                let what = usize::try_from(r.stage)
-                    .ok()
-                    .and_then(|i| plan.ops.get(i))
-                    .map_or_else(
-                        || Stage::describe(r.stage).to_owned(),
-                        |op| format!("{op:?}"),
-                    );
-                return Err(io::Error::other(format!(
-                    "sandbox setup failed ({what}): {}",
-                    io::Error::from_raw_os_error(r.errno)
-                )));
+                return Err(setup_error("sandbox", &r, &plan.ops));
             }
             _ => return Err(io::Error::other("the sandbox's init did not get ready")),
         }
@@ -180,23 +162,9 @@ impl Jail {
             .group
             .as_ref()
             .ok_or_else(|| io::Error::other("the sandbox is gone"))?;
-        let (stdin, stdout, stderr, result, report, go) =
-            (pipe()?, pipe()?, pipe()?, pipe()?, pipe()?, pipe()?);
+        let pipes = Pipes::new()?;
         let ns = sandbox.ns.each_ref().map(AsRawFd::as_raw_fd);
-        let plan = self.finish_plan(
-            spec,
-            Vec::new(),
-            ChildFds {
-                stdin: stdin.0.as_raw_fd(),
-                stdout: stdout.1.as_raw_fd(),
-                stderr: stderr.1.as_raw_fd(),
-                result: result.1.as_raw_fd(),
-                report: report.1.as_raw_fd(),
-                go: go.0.as_raw_fd(),
-            },
-            -1,
-            Mode::Enter(ns),
-        )?;
+        let plan = self.finish_plan(spec, Vec::new(), pipes.child_fds(), -1, Mode::Enter(ns))?;
         // SAFETY: a plain fork-like clone; the child runs only `child::enter`.
         let pid =
             unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0) };
@@ -208,19 +176,19 @@ impl Jail {
             unsafe { child::enter(&plan) };
         }
         let started = Instant::now();
-        drop((stdin.0, stdout.1, stderr.1, result.1, report.1, go.0));
+        let ends = pipes.into_server_ends();
         let mut helper = Child {
             pid: pid as libc::pid_t,
             reaped: false,
         };
         group.attach(helper.pid)?;
-        write_all(&go.1, b"g")?;
-        drop(go.1);
+        write_all(&ends.go, b"g")?;
+        drop(ends.go);
 
         let mut streams = Streams::new(
-            stdin.1,
+            ends.stdin,
             &spec.stdin,
-            [stdout.0, stderr.0, result.0, report.0],
+            ends.readers,
             spec.limits.output_bytes,
         )?
         .with_sink(sink);
@@ -277,41 +245,20 @@ impl Jail {
         let duration = started.elapsed();
         let reports = streams.reports();
         if let Some(r) = reports.iter().find(|r| r.kind == Report::SETUP_FAILED) {
-            return Err(io::Error::other(format!(
-                "exec setup failed ({}): {}",
-                Stage::describe(r.stage),
-                io::Error::from_raw_os_error(r.errno)
-            )));
+            return Err(setup_error("exec", r, &[]));
         }
-        let (mut exit_code, mut signal) = (None, None);
-        if let Some(r) = reports.iter().find(|r| r.kind == Report::EXITED) {
-            if libc::WIFEXITED(r.status) {
-                exit_code = Some(libc::WEXITSTATUS(r.status));
-            } else if libc::WIFSIGNALED(r.status) {
-                signal = Some(libc::WTERMSIG(r.status));
-            }
-        }
-        let mut status = match (ended_by, exit_code, signal) {
-            (Some(s), _, _) => s,
-            (None, Some(code), _) => Status::Exited(code),
-            (None, None, Some(sig)) => Status::Signaled(sig),
-            (None, None, None) => Status::Signaled(libc::SIGKILL),
-        };
-        if signal == Some(libc::SIGKILL) && group.oom_kills() > 0 && ended_by.is_none() {
-            status = Status::MemoryLimit;
-        }
-        let [out, err, res] = std::mem::take(&mut streams.outputs);
-        Ok(Outcome {
-            status,
+        let (exit_code, signal) = program_end(&reports);
+        let mut outcome = outcome(
+            ended_by,
             exit_code,
             signal,
-            truncated: out.truncated || err.truncated,
-            stdout: out.data,
-            stderr: err.data,
-            result: (!res.truncated && !res.data.is_empty()).then_some(res.data),
+            std::mem::take(&mut streams.outputs),
             duration,
-            cpu_time: Duration::ZERO,
-        })
+        );
+        if signal == Some(libc::SIGKILL) && group.oom_kills() > 0 && ended_by.is_none() {
+            outcome.status = Status::MemoryLimit;
+        }
+        Ok(outcome)
     }
 }
 
