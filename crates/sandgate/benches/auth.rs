@@ -26,7 +26,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sandgate_client::Client;
@@ -36,6 +35,9 @@ use sandgate_server::{AppState, AuthCallbackConfig, JwtConfig, ServerConfig};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+mod common;
+use common::Server;
 
 /// The limit of the rate-limited scenario: checked on every request, never refuses.
 const NEVER_REFUSING: RateLimit = RateLimit {
@@ -61,7 +63,13 @@ fn main() -> ExitCode {
         .expect("JSON"),
     );
     let callback_url = serve_forever(Vec::new());
-    let server = Server::start(jwks_url, callback_url);
+    let server = Server::start(|config| {
+        let mut jwt = JwtConfig::new();
+        jwt.secret = Some(SecretKey::new(JWT_SECRET.to_owned()));
+        jwt.jwks_url = Some(jwks_url);
+        config.jwt = Some(jwt);
+        config.auth_callback = Some(AuthCallbackConfig::new(callback_url));
+    });
     // Let the warm pools (jails for runs, sandboxes) fill: measure the steady state.
     std::thread::sleep(Duration::from_secs(3));
     let admin = Client::new(&server.url, Some(server.admin_key.clone()));
@@ -218,75 +226,6 @@ impl Settings {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-// ---- the server under test ----
-
-/// A sandgate server on its own thread and runtime, as `sandgate serve` runs it
-/// (a multi-threaded runtime with one worker per CPU).
-#[derive(Debug)]
-struct Server {
-    url: String,
-    addr: SocketAddr,
-    admin_key: String,
-    _dir: tempfile::TempDir,
-    stop: tokio::sync::oneshot::Sender<()>,
-    thread: JoinHandle<()>,
-}
-
-impl Server {
-    fn start(jwks_url: String, callback_url: String) -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = ServerConfig::new(dir.path());
-        let mut jwt = JwtConfig::new();
-        jwt.secret = Some(SecretKey::new(JWT_SECRET.to_owned()));
-        jwt.jwks_url = Some(jwks_url);
-        config.jwt = Some(jwt);
-        config.auth_callback = Some(AuthCallbackConfig::new(callback_url));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("server runtime");
-            runtime.block_on(async move {
-                let state = AppState::open(config).await.expect("open state");
-                let admin = state
-                    .keys()
-                    .bootstrap_admin()
-                    .await
-                    .expect("bootstrap")
-                    .expect("an empty store gets an admin key");
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                let addr = listener.local_addr().expect("local addr");
-                ready_tx.send((addr, admin.secret)).expect("report ready");
-                let shutdown = async {
-                    let _ = stopped.await;
-                };
-                sandgate_server::run(listener, state, shutdown)
-                    .await
-                    .expect("serve");
-            });
-        });
-        let (addr, admin_key) = ready_rx.recv().expect("server started");
-        Server {
-            url: format!("http://{addr}"),
-            addr,
-            admin_key,
-            _dir: dir,
-            stop,
-            thread,
-        }
-    }
-
-    /// Graceful shutdown: the server writes its pending audit rows and counters.
-    fn stop(self) {
-        let _ = self.stop.send(());
-        self.thread.join().expect("server thread");
-    }
 }
 
 // ---- the other credential sources' peers ----

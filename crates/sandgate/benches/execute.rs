@@ -12,11 +12,12 @@
 //! Needs root and cgroup v1 (the jail's requirements).
 
 use std::process::{Command, ExitCode};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sandgate_client::Client;
-use sandgate_server::{AppState, ServerConfig};
+
+mod common;
+use common::Server;
 use serde_json::json;
 
 fn main() -> ExitCode {
@@ -28,7 +29,7 @@ fn main() -> ExitCode {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
-    let server = Server::start();
+    let server = Server::start(|_| {});
     // Let the warm pools (jails for runs, sandboxes) fill: measure the steady state.
     std::thread::sleep(Duration::from_secs(3));
     let client = Client::new(&server.url, Some(server.admin_key.clone()));
@@ -127,61 +128,5 @@ fn measure(runs: usize, threads: usize, f: impl Fn(usize) + Sync) -> Stats {
         p50_ms: at(0.50),
         p99_ms: at(0.99),
         per_sec: latencies.len() as f64 / elapsed.as_secs_f64(),
-    }
-}
-
-struct Server {
-    url: String,
-    admin_key: String,
-    _dir: tempfile::TempDir,
-    stop: tokio::sync::oneshot::Sender<()>,
-    thread: JoinHandle<()>,
-}
-
-impl Server {
-    fn start() -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let config = ServerConfig::new(dir.path());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("server runtime");
-            runtime.block_on(async move {
-                let state = AppState::open(config).await.expect("open state");
-                let admin = state
-                    .keys()
-                    .bootstrap_admin()
-                    .await
-                    .expect("bootstrap")
-                    .expect("an empty store gets an admin key");
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                let addr = listener.local_addr().expect("local addr");
-                ready_tx.send((addr, admin.secret)).expect("report ready");
-                let shutdown = async {
-                    let _ = stopped.await;
-                };
-                sandgate_server::run(listener, state, shutdown)
-                    .await
-                    .expect("serve");
-            });
-        });
-        let (addr, admin_key) = ready_rx.recv().expect("server started");
-        Server {
-            url: format!("http://{addr}"),
-            admin_key,
-            _dir: dir,
-            stop,
-            thread,
-        }
-    }
-
-    fn stop(self) {
-        let _ = self.stop.send(());
-        self.thread.join().expect("server thread");
     }
 }

@@ -11,11 +11,12 @@
 //! `SANDGATE_BENCH_WARM` the warm pool size (default: the server's). Needs root.
 
 use std::process::ExitCode;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sandgate_client::{Client, Method};
-use sandgate_server::{AppState, ServerConfig};
+
+mod common;
+use common::Server;
 use serde_json::{Value, json};
 
 fn main() -> ExitCode {
@@ -30,7 +31,12 @@ fn main() -> ExitCode {
     let warm: Option<usize> = std::env::var("SANDGATE_BENCH_WARM")
         .ok()
         .and_then(|v| v.parse().ok());
-    let server = Server::start(idle + 100, warm);
+    let server = Server::start(|config| {
+        config.sandbox_limits.max_per_tenant = idle + 100;
+        if let Some(n) = warm {
+            config.sandbox_limits.warm_pool = n;
+        }
+    });
     let client = Client::new(&server.url, Some(server.admin_key.clone()));
     let create = |c: &Client| -> (Duration, String) {
         let t = Instant::now();
@@ -196,64 +202,4 @@ fn descends_from(mut pid: u32, ancestor: u32) -> bool {
         pid = ppid;
     }
     false
-}
-
-struct Server {
-    url: String,
-    admin_key: String,
-    _dir: tempfile::TempDir,
-    stop: tokio::sync::oneshot::Sender<()>,
-    thread: JoinHandle<()>,
-}
-
-impl Server {
-    fn start(max_sandboxes: usize, warm: Option<usize>) -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = ServerConfig::new(dir.path());
-        config.sandbox_limits.max_per_tenant = max_sandboxes;
-        if let Some(n) = warm {
-            config.sandbox_limits.warm_pool = n;
-        }
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("server runtime");
-            runtime.block_on(async move {
-                let state = AppState::open(config).await.expect("open state");
-                let admin = state
-                    .keys()
-                    .bootstrap_admin()
-                    .await
-                    .expect("bootstrap")
-                    .expect("an empty store gets an admin key");
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                let addr = listener.local_addr().expect("local addr");
-                ready_tx.send((addr, admin.secret)).expect("report ready");
-                let shutdown = async {
-                    let _ = stopped.await;
-                };
-                sandgate_server::run(listener, state, shutdown)
-                    .await
-                    .expect("serve");
-            });
-        });
-        let (addr, admin_key) = ready_rx.recv().expect("server started");
-        Server {
-            url: format!("http://{addr}"),
-            admin_key,
-            _dir: dir,
-            stop,
-            thread,
-        }
-    }
-
-    fn stop(self) {
-        let _ = self.stop.send(());
-        self.thread.join().expect("server thread");
-    }
 }
