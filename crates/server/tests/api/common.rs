@@ -183,6 +183,17 @@ impl PostJson for Client {
     }
 }
 
+/// Host processes whose command line contains `marker` (jailed processes are
+/// host processes too, so a leaked one shows here).
+pub fn processes_named(marker: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).contains(marker))
+        .count()
+}
+
 /// Whether this machine can jail programs (root, cgroup v1); tests of runs say
 /// they were skipped when it cannot.
 pub fn jail_available() -> bool {

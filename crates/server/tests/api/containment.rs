@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::{TestApp, jail_available};
+use crate::common::{TestApp, jail_available, processes_named};
 
 fn run_with(app: &TestApp, body: Value) -> Value {
     app.admin().execute(&body).expect("the run is answered")
@@ -306,12 +306,7 @@ fn nothing_is_left_running_after_the_program_exits() {
     );
     assert_eq!(stdout(&r), "started\n");
     std::thread::sleep(Duration::from_millis(200));
-    let leaked = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| String::from_utf8_lossy(c).contains(&marker))
-        .count();
+    let leaked = processes_named(&marker);
     assert_eq!(leaked, 0, "a background process outlived its run");
     assert_alive(&app);
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use sandgate_client::{Client, Method};
 use serde_json::{Value, json};
 
-use crate::common::{PostJson, TestApp, assert_error, jail_available};
+use crate::common::{PostJson, TestApp, assert_error, jail_available, processes_named};
 
 fn create(client: &Client, body: Value) -> Value {
     let r = client.post_json("/v1/sandboxes", &body);
@@ -238,14 +238,7 @@ fn an_expired_sandbox_is_killed_without_any_request() {
         &id,
         json!({"command": format!("bash -c '(exec -a {marker} sleep 300) > /dev/null 2>&1 &'")}),
     );
-    let leftovers = || {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .filter(|c| String::from_utf8_lossy(c).contains(&marker))
-            .count()
-    };
+    let leftovers = || processes_named(&marker);
     assert_eq!(leftovers(), 1);
     let started = Instant::now();
     while get(&admin, &format!("/v1/sandboxes/{id}")).status != 404 {
@@ -420,14 +413,7 @@ fn a_client_that_disconnects_stops_its_command() {
         &json!({"command": format!("echo started; exec bash -c 'exec -a {marker} sleep 300'")}),
     );
     assert_eq!(next_event(&mut reader)["data"], "started\n");
-    let running = || {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .filter(|c| String::from_utf8_lossy(c).contains(&marker))
-            .count()
-    };
+    let running = || processes_named(&marker);
     // `started` is printed just before the exec: wait for the marker to appear.
     let started = Instant::now();
     while running() == 0 {
