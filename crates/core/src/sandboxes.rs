@@ -672,7 +672,6 @@ impl SandboxManager {
         req: ExecRequest,
     ) -> Result<PreparedExec, SandboxError> {
         let live = self.find(caller, id)?;
-        let l = &self.limits;
         let argv = match (req.command, req.language, req.code) {
             (Some(command), None, None) => {
                 if command.trim().is_empty() {
@@ -707,7 +706,48 @@ impl SandboxManager {
         if !cwd.starts_with('/') || cwd.contains('\0') {
             return Err(invalid("cwd", "cwd must be an absolute path").into());
         }
-        let timeout_ms = req.timeout_ms.unwrap_or(l.default_exec_timeout_ms);
+        let timeout_ms = self.exec_timeout(req.timeout_ms)?;
+        let stdin = req.stdin.unwrap_or_default();
+        self.prepare(live, argv, cwd, req.env, stdin, timeout_ms)
+    }
+
+    /// A cell for the persistent interpreter: run as an exec of the small client
+    /// that starts the interpreter when needed and relays the cell's output. An
+    /// exec's deadline ends the client; the interpreter then interrupts the cell
+    /// (KeyboardInterrupt) and keeps its state.
+    pub fn prepare_code(
+        &self,
+        caller: &Principal,
+        id: &str,
+        req: CodeRequest,
+    ) -> Result<PreparedExec, SandboxError> {
+        if req.language != "python" && req.language != "javascript" {
+            return Err(invalid(
+                "language",
+                "persistent interpreters exist for `python` and `javascript`",
+            )
+            .into());
+        }
+        if req.code.trim().is_empty() {
+            return Err(invalid("code", "code must not be empty").into());
+        }
+        let live = self.find(caller, id)?;
+        let timeout_ms = self.exec_timeout(req.timeout_ms)?;
+        let argv = vec![
+            "/usr/bin/python3".into(),
+            "-s".into(),
+            "-B".into(),
+            "/sandbox/.code-client.py".into(),
+            req.language,
+            timeout_ms.to_string(),
+        ];
+        self.prepare(live, argv, "/workspace".into(), None, req.code, timeout_ms)
+    }
+
+    /// An exec's deadline: asked, or the default, within the maximum.
+    fn exec_timeout(&self, asked: Option<u64>) -> Result<u64, SandboxError> {
+        let l = &self.limits;
+        let timeout_ms = asked.unwrap_or(l.default_exec_timeout_ms);
         if timeout_ms == 0 || timeout_ms > l.max_exec_timeout_ms {
             return Err(invalid(
                 "timeoutMs",
@@ -715,7 +755,22 @@ impl SandboxManager {
             )
             .into());
         }
-        let extra = crate::execute::validate_env(req.env.unwrap_or_default(), 128)?;
+        Ok(timeout_ms)
+    }
+
+    /// What every exec shares: the environment (base, the sandbox's, the
+    /// request's), the sandbox not paused, the limits of one program.
+    fn prepare(
+        &self,
+        live: Arc<Live>,
+        argv: Vec<String>,
+        cwd: String,
+        env: Option<BTreeMap<String, String>>,
+        stdin: String,
+        timeout_ms: u64,
+    ) -> Result<PreparedExec, SandboxError> {
+        let l = &self.limits;
+        let extra = crate::execute::validate_env(env.unwrap_or_default(), 128)?;
         let mut env = crate::execute::base_env();
         for (k, v) in live.env.iter().chain(extra.iter()) {
             env.retain(|(name, _)| name != k);
@@ -739,7 +794,7 @@ impl SandboxManager {
                 argv,
                 env,
                 cwd,
-                stdin: req.stdin.unwrap_or_default().into_bytes(),
+                stdin: stdin.into_bytes(),
                 files: Vec::new(),
                 limits: Limits {
                     timeout: Duration::from_millis(timeout_ms),
@@ -750,48 +805,6 @@ impl SandboxManager {
                 },
             },
         })
-    }
-
-    /// A cell for the persistent interpreter: run as an exec of the small client
-    /// that starts the interpreter when needed and relays the cell's output. An
-    /// exec's deadline ends the client; the interpreter then interrupts the cell
-    /// (KeyboardInterrupt) and keeps its state.
-    pub fn prepare_code(
-        &self,
-        caller: &Principal,
-        id: &str,
-        req: CodeRequest,
-    ) -> Result<PreparedExec, SandboxError> {
-        if req.language != "python" && req.language != "javascript" {
-            return Err(invalid(
-                "language",
-                "persistent interpreters exist for `python` and `javascript`",
-            )
-            .into());
-        }
-        if req.code.trim().is_empty() {
-            return Err(invalid("code", "code must not be empty").into());
-        }
-        let mut prepared = self.prepare_exec(
-            caller,
-            id,
-            ExecRequest {
-                command: Some("python".into()),
-                timeout_ms: req.timeout_ms,
-                stdin: Some(req.code),
-                ..ExecRequest::default()
-            },
-        )?;
-        let timeout_ms = prepared.spec.limits.timeout.as_millis().to_string();
-        prepared.spec.argv = vec![
-            "/usr/bin/python3".into(),
-            "-s".into(),
-            "-B".into(),
-            "/sandbox/.code-client.py".into(),
-            req.language,
-            timeout_ms,
-        ];
-        Ok(prepared)
     }
 
     pub async fn exec(&self, prepared: PreparedExec) -> Result<ExecuteResponse, SandboxError> {

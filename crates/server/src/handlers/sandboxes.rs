@@ -103,8 +103,7 @@ pub async fn kill(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Pause and resume take no fields; reading the (empty) body keeps the
-/// connection reusable.
+/// Pause and resume take no fields (an empty body, `{}`, or none at all).
 #[derive(Debug, Default, serde::Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NoFields {}
