@@ -10,6 +10,7 @@ pub mod limits;
 pub mod model;
 pub mod net;
 pub mod principal;
+pub mod processes;
 pub mod sandboxes;
 pub mod scopes;
 pub mod store;

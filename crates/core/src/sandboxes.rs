@@ -22,8 +22,13 @@ use crate::keys::api::{InvalidField, invalid};
 use crate::keys::format::random_id;
 use crate::model::{Env, Timestamp};
 use crate::principal::Principal;
+use crate::processes::ProcessTable;
+
+mod long_running;
 use crate::store::StoreError;
 use crate::webhooks::EventSink;
+pub use long_running::StartProcess;
+use long_running::token_hash;
 
 /// Server-wide bounds on sandboxes.
 #[derive(Debug, Clone)]
@@ -99,6 +104,22 @@ pub struct SandboxView {
     pub memory_mb: u64,
     pub cpus: f64,
     pub network: String,
+}
+
+/// A new sandbox and its access token (returned once, by the create call).
+#[derive(Debug)]
+pub struct CreatedSandbox {
+    pub view: SandboxView,
+    pub access_token: String,
+}
+
+/// Why an access token did not open a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// No live sandbox has that id.
+    NotFound,
+    /// Missing, or not this sandbox's.
+    BadToken,
 }
 
 /// What the store keeps of a sandbox.
@@ -241,6 +262,14 @@ struct Live {
     owner: Arc<Principal>,
     /// Ports opened to the outside through sandgate.
     ports: Mutex<std::collections::BTreeSet<u16>>,
+    /// The sandbox's access token (E2B's envd and code interpreter routes
+    /// authenticate with it instead of a key; E2B's connect hands it to the
+    /// owner again), and its SHA-256, which requests are compared against.
+    /// Memory only: a sandbox does not outlive the server.
+    access_token: String,
+    access: [u8; 32],
+    /// Commands started inside and left running (E2B's process service).
+    processes: Arc<ProcessTable>,
 }
 
 /// Live sandboxes, their limits, and the store that remembers them.
@@ -360,6 +389,16 @@ impl SandboxManager {
         caller: &Arc<Principal>,
         req: CreateSandboxRequest,
     ) -> Result<SandboxView, SandboxError> {
+        Ok(self.create_with_access(caller, req).await?.view)
+    }
+
+    /// [`SandboxManager::create`], also returning the sandbox's access token
+    /// (shown only here; the manager keeps its hash).
+    pub async fn create_with_access(
+        &self,
+        caller: &Arc<Principal>,
+        req: CreateSandboxRequest,
+    ) -> Result<CreatedSandbox, SandboxError> {
         let l = &self.limits;
         let template = req.template.unwrap_or_else(|| "default".to_owned());
         if template != "default" {
@@ -422,6 +461,7 @@ impl SandboxManager {
             env: caller.env,
             key_id: caller.key_id.clone(),
         };
+        let access_token = random_id("sat_", 40);
         // Claim a place under the tenant's cap before the (slow) jail is built.
         let placeholder = Arc::new(Live {
             record: Mutex::new(record.clone()),
@@ -429,6 +469,9 @@ impl SandboxManager {
             jail: RwLock::new(None),
             owner: Arc::clone(caller),
             ports: Mutex::new(Default::default()),
+            access: token_hash(&access_token),
+            access_token: access_token.clone(),
+            processes: Arc::default(),
         });
         {
             let mut live = self.live();
@@ -468,7 +511,10 @@ impl SandboxManager {
         *placeholder.jail.write().unwrap_or_else(|p| p.into_inner()) = Some(sandbox);
         self.record(record.clone());
         self.announce("sandbox.created", &record).await;
-        Ok(record.view)
+        Ok(CreatedSandbox {
+            view: record.view,
+            access_token,
+        })
     }
 
     pub fn get(&self, caller: &Principal, id: &str) -> Result<SandboxView, SandboxError> {

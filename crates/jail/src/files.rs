@@ -34,6 +34,31 @@ pub struct DirEntry {
     pub size: u64,
 }
 
+/// What a path is (see [`Sandbox::stat_path`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: &'static str,
+    pub size: u64,
+    /// Permission bits (`0o7777` at most).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub modified_secs: i64,
+    pub modified_nanos: u32,
+    /// What a symlink points to (only when not followed).
+    pub symlink_target: Option<String>,
+}
+
+fn kind_of(mode: libc::mode_t) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => "file",
+        libc::S_IFDIR => "dir",
+        libc::S_IFLNK => "symlink",
+        _ => "other",
+    }
+}
+
 /// What a path holds.
 #[derive(Debug, Clone)]
 pub enum FileContent {
@@ -151,6 +176,67 @@ impl Sandbox {
                 "not a regular file or directory",
             )),
         }
+    }
+
+    /// What `path` is. With `follow`, a final symlink is followed (inside the
+    /// sandbox's root, as always); without, the link itself is described.
+    pub fn stat_path(&self, path: &str, follow: bool) -> io::Result<PathInfo> {
+        let root = self.root_fd()?;
+        let parts = components(path);
+        let mut st: libc::stat = unsafe_zeroed();
+        let mut symlink_target = None;
+        match parts.split_last() {
+            Some((name, parents)) if !follow && *name != ".." => {
+                let parent = self.open_in(
+                    &root,
+                    &parents.join("/"),
+                    libc::O_PATH | libc::O_DIRECTORY,
+                    0,
+                )?;
+                let c = cstr(name)?;
+                // SAFETY: fstatat of one component under a directory resolved
+                // inside the root, not following a final symlink.
+                check(unsafe {
+                    libc::fstatat(
+                        parent.as_raw_fd(),
+                        c.as_ptr(),
+                        &mut st,
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                })?;
+                if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+                    let mut buf = vec![0u8; 4096];
+                    // SAFETY: readlinkat into a live buffer of the given length.
+                    let n = unsafe {
+                        libc::readlinkat(
+                            parent.as_raw_fd(),
+                            c.as_ptr(),
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                        )
+                    };
+                    if n >= 0 {
+                        buf.truncate(n as usize);
+                        symlink_target = Some(String::from_utf8_lossy(&buf).into_owned());
+                    }
+                }
+            }
+            _ => {
+                let fd = self.open_in(&root, path, libc::O_PATH, 0)?;
+                // SAFETY: fstat fills a stack struct, on an fd we own.
+                check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+            }
+        }
+        Ok(PathInfo {
+            kind: kind_of(st.st_mode),
+            size: st.st_size as u64,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            modified_secs: st.st_mtime,
+            modified_nanos: st.st_mtime_nsec as u32,
+            symlink_target,
+        })
     }
 
     /// Writes `data` to `path`, creating missing parent directories; everything
@@ -299,13 +385,7 @@ fn list(dir: OwnedFd) -> io::Result<Vec<DirEntry>> {
                 libc::AT_SYMLINK_NOFOLLOW,
             )
         } == 0;
-        let kind = match st.st_mode & libc::S_IFMT {
-            _ if !ok => "other",
-            libc::S_IFREG => "file",
-            libc::S_IFDIR => "dir",
-            libc::S_IFLNK => "symlink",
-            _ => "other",
-        };
+        let kind = if ok { kind_of(st.st_mode) } else { "other" };
         entries.push(DirEntry {
             name,
             kind,

@@ -37,8 +37,8 @@ mod files;
 mod netns;
 mod sandbox;
 
-pub use files::{DirEntry, FileContent};
-pub use sandbox::Sandbox;
+pub use files::{DirEntry, FileContent, PathInfo};
+pub use sandbox::{ProgramEnd, Sandbox, Spawned};
 mod seccomp;
 
 use cgroup::{Cgroups, GroupLimits};
@@ -589,6 +589,16 @@ impl Jail {
             });
             ops.push(tmpfs(at(dir)?, nosuid_nodev, scratch(mode, owner))?);
         }
+
+        // E2B's programs expect a home at /home/user: the same place as /workspace.
+        ops.push(Op::Mkdir {
+            path: at("/home")?,
+            mode: 0o755,
+        });
+        ops.push(Op::Symlink {
+            target: cstr(b"/workspace")?,
+            path: at("/home/user")?,
+        });
 
         // /sandbox: the run's files, then read-only.
         ops.push(Op::Mkdir {

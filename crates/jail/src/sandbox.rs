@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -259,6 +259,167 @@ impl Jail {
             outcome.status = Status::MemoryLimit;
         }
         Ok(outcome)
+    }
+}
+
+/// A program started inside a sandbox and left running (see [`Jail::spawn`]).
+///
+/// The caller owns its pipes and reads them as it likes; the program's end is
+/// announced on [`Spawned::report`] (readable, then end of file), and
+/// [`Spawned::finish`] turns what was read there into how it ended. Dropping a
+/// `Spawned` kills the program's process group.
+#[derive(Debug)]
+pub struct Spawned {
+    helper: Child,
+    /// The program's pid as the server sees it; also its process group.
+    pid: libc::pid_t,
+    /// The program's pid inside the sandbox (what its own `ps` shows).
+    pub inner_pid: u32,
+    /// Refers to the program for as long as it exists (never to a reused pid).
+    pidfd: Option<OwnedFd>,
+    /// The write end of the program's stdin, when it was kept open.
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    /// Where the program's end is reported; end of file once it is.
+    pub report: Option<OwnedFd>,
+    ended: bool,
+}
+
+/// How a spawned program ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramEnd {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// The program never ran (it could not be set up: working directory, limits).
+    pub setup_failed: bool,
+}
+
+impl Jail {
+    /// Starts a program inside a sandbox and returns at once, the program still
+    /// running. Set up exactly as for [`Jail::exec`]; `spec.stdin` is ignored:
+    /// with `keep_stdin` the caller gets the write end of the program's stdin,
+    /// otherwise the program's stdin is at end of file. `spec.limits.timeout`
+    /// is not enforced here: the caller ends the program when it wants.
+    pub fn spawn(&self, sandbox: &Sandbox, spec: &Spec, keep_stdin: bool) -> io::Result<Spawned> {
+        if spec.argv.is_empty() {
+            return Err(crate::invalid("argv must not be empty"));
+        }
+        let group = sandbox
+            .group
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the sandbox is gone"))?;
+        let pipes = Pipes::new()?;
+        let ns = sandbox.ns.each_ref().map(AsRawFd::as_raw_fd);
+        let plan = self.finish_plan(spec, Vec::new(), pipes.child_fds(), -1, Mode::Enter(ns))?;
+        // SAFETY: a plain fork-like clone; the child runs only `child::enter`.
+        let pid =
+            unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0) };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: we are a plain clone's child; the plan's mode is Enter.
+            unsafe { child::enter(&plan) };
+        }
+        let ends = pipes.into_server_ends();
+        let helper = Child {
+            pid: pid as libc::pid_t,
+            reaped: false,
+        };
+        group.attach(helper.pid)?;
+        write_all(&ends.go, b"g")?;
+        drop(ends.go);
+        let [stdout, stderr, result, report] = ends.readers;
+        drop(result);
+        let started = match read_report(&report, READY_TIMEOUT)? {
+            Some(r) if r.kind == Report::STARTED => r.status,
+            Some(r) if r.kind == Report::SETUP_FAILED => {
+                return Err(setup_error("spawn", &r, &[]));
+            }
+            _ => return Err(io::Error::other("the program did not start")),
+        };
+        // SAFETY: pidfd_open of the program's pid; it cannot have been reused
+        // yet: the helper reaps it only after it ends, and reports that below.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, started, 0) };
+        let pidfd = (pidfd >= 0).then(|| {
+            // SAFETY: a fresh fd nobody else owns.
+            unsafe { OwnedFd::from_raw_fd(pidfd as libc::c_int) }
+        });
+        Ok(Spawned {
+            helper,
+            pid: started,
+            inner_pid: inner_pid(started).unwrap_or(started as u32),
+            pidfd,
+            stdin: keep_stdin.then_some(ends.stdin),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            report: Some(report),
+            ended: false,
+        })
+    }
+}
+
+/// The pid of `pid` in the innermost PID namespace it belongs to.
+fn inner_pid(pid: libc::pid_t) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
+impl Spawned {
+    /// Sends `signal` to the program's process group (everything it started
+    /// that did not leave it), if the program still runs.
+    pub fn signal_group(&self, signal: libc::c_int) {
+        if self.ended || !self.is_running() {
+            return;
+        }
+        // SAFETY: kill has no memory effects; the group is the program's, and
+        // the program has not been reaped (its pidfd is not readable).
+        unsafe { libc::kill(-self.pid, signal) };
+    }
+
+    /// Whether the program has not ended yet.
+    fn is_running(&self) -> bool {
+        let Some(fd) = &self.pidfd else {
+            return !self.ended;
+        };
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd, no waiting. A pidfd is readable once its
+        // process has exited.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 0 }
+    }
+
+    /// How the program ended, from everything read from [`Spawned::report`]
+    /// up to its end of file; reaps the helper. Blocks only briefly: the helper
+    /// exits right after reporting.
+    pub fn finish(&mut self, report: &[u8]) -> ProgramEnd {
+        self.ended = true;
+        let reports: Vec<Report> = report
+            .chunks_exact(Report::SIZE)
+            .map(|c| Report::from_bytes(c.try_into().expect("exact chunk")))
+            .collect();
+        let setup_failed = reports.iter().any(|r| r.kind == Report::SETUP_FAILED);
+        let (exit_code, signal) = program_end(&reports);
+        self.helper.kill();
+        let _ = self.helper.wait();
+        ProgramEnd {
+            exit_code,
+            signal,
+            setup_failed,
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.signal_group(libc::SIGKILL);
+        }
     }
 }
 

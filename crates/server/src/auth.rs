@@ -75,7 +75,13 @@ pub async fn authorize(
         route: &route,
         request_id: &info.request_id,
     };
-    let principal = match decide(&state, req.headers(), &call, access, info.client_ip).await {
+    let decided = match access {
+        Access::SandboxToken(scope) => {
+            sandbox_access(&state, req.headers(), scope, info.client_ip).await
+        }
+        _ => decide(&state, req.headers(), &call, access, info.client_ip).await,
+    };
+    let principal = match decided {
         Ok(principal) => principal,
         Err(refusal) => return refuse(&state, &ctx, req.headers(), refusal).await,
     };
@@ -195,6 +201,86 @@ impl Refusal {
             ..Refusal::new(error, reason, key)
         }
     }
+}
+
+/// What envd answers a request without the sandbox's access token.
+const ENVD_UNAUTHORIZED: &str =
+    "unauthorized access, please provide a valid access token or method signing if supported";
+
+/// E2B's in-sandbox routes: the sandbox named by `E2b-Sandbox-Id`, opened by
+/// its access token (`X-Access-Token`, or the code interpreter's
+/// `E2B-Traffic-Access-Token`). The request then acts for the sandbox's owner,
+/// whose key must still be valid, allowed from this address and hold `scope`:
+/// a token never does more than its owner's key may.
+async fn sandbox_access(
+    state: &AppState,
+    headers: &HeaderMap,
+    scope: Option<sandgate_core::scopes::Scope>,
+    client_ip: IpAddr,
+) -> Result<Arc<Principal>, Refusal> {
+    use sandgate_core::sandboxes::TokenRefusal;
+    let server_allowlist = &state.config().allowed_ips;
+    if !server_allowlist.is_empty() && !server_allowlist.iter().any(|n| n.contains(client_ip)) {
+        return Err(Refusal::new(
+            ApiError::ip_not_allowed(),
+            "ip_not_allowed_server",
+            None,
+        ));
+    }
+    let token = ["x-access-token", "e2b-traffic-access-token"]
+        .iter()
+        .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let Some(id) = crate::e2b::sandbox_id(headers) else {
+        return Err(Refusal::bad_credential(
+            ApiError::unauthorized(ENVD_UNAUTHORIZED),
+            "missing_sandbox_id",
+            None,
+        ));
+    };
+    let owner = match state.sandboxes().owner_by_token(id, token) {
+        Ok(owner) => owner,
+        Err(TokenRefusal::NotFound) => {
+            return Err(Refusal::bad_credential(
+                ApiError::sandbox_not_running(id),
+                "sandbox_not_found",
+                None,
+            ));
+        }
+        Err(TokenRefusal::BadToken) => {
+            let reason = if token.is_some() {
+                "invalid_access_token"
+            } else {
+                "missing_credential"
+            };
+            return Err(Refusal::bad_credential(
+                ApiError::unauthorized(ENVD_UNAUTHORIZED),
+                reason,
+                None,
+            ));
+        }
+    };
+    let owner = state.keys().current(&owner).map_err(|denied| {
+        Refusal::new(ApiError::key_expired(), denied.failure.reason(), denied.key)
+    })?;
+    if !owner.allowed_ips.is_empty() && !owner.allowed_ips.iter().any(|n| n.contains(client_ip)) {
+        return Err(Refusal::new(
+            ApiError::ip_not_allowed(),
+            "ip_not_allowed_key",
+            Some(owner),
+        ));
+    }
+    if let Some(scope) = scope
+        && !owner.has(scope)
+    {
+        return Err(Refusal::new(
+            ApiError::forbidden(scope, format!("The sandbox's key lacks the scope {scope}")),
+            "missing_scope",
+            Some(owner),
+        ));
+    }
+    Ok(owner)
 }
 
 async fn decide(

@@ -160,8 +160,22 @@ impl ApiError {
         )
     }
 
+    /// E2B's proxy answer for a sandbox that does not exist (for this caller):
+    /// 502, saying it "was not found", which E2B's SDKs read as "not running".
+    pub fn sandbox_not_running(id: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "NOT_FOUND",
+            format!("The sandbox {id} was not found"),
+        )
+    }
+
     pub fn status(&self) -> StatusCode {
         self.status
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
     }
 
     pub fn code(&self) -> &'static str {

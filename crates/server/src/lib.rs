@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 pub mod auth;
 mod body;
 pub mod callback;
+pub mod e2b;
 pub mod error;
 pub mod extract;
 pub mod handlers;
@@ -45,10 +46,17 @@ pub fn app(state: AppState) -> Router {
     let (router, specs) = routes::table().into_parts();
     let policy = Arc::new(Policy::from_specs(&specs));
     let doc = OpenApiDoc(openapi::document(&specs).to_string().into());
+    let e2b_routes = Arc::new(e2b::E2bRoutes(
+        specs.iter().filter(|s| s.e2b).map(|s| s.path).collect(),
+    ));
     router
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authorize,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            e2b_routes,
+            e2b::e2b_error_shape,
         ))
         .fallback(|| async { ApiError::not_found("route").into_response() })
         .method_not_allowed_fallback(|| async { ApiError::not_found("route").into_response() })

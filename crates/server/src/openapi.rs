@@ -54,7 +54,11 @@ pub fn document(specs: &[RouteSpec]) -> Value {
             "schemas": schemas,
             "securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer"},
-                "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+                "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "sandboxAccessToken": {
+                    "type": "apiKey", "in": "header", "name": "X-Access-Token",
+                    "description": "The sandbox's access token (E2B envd routes), with the sandbox named in E2b-Sandbox-Id; the sandbox owner's key must hold the route's scope"
+                }
             }
         }
     })
@@ -82,6 +86,12 @@ fn operation(spec: &RouteSpec, generator: &mut SchemaGenerator) -> Value {
         Access::Scope(scope) => {
             op["security"] = json!([{"bearerAuth": []}, {"apiKeyAuth": []}]);
             op["x-required-scope"] = json!(scope.as_str());
+        }
+        Access::SandboxToken(scope) => {
+            op["security"] = json!([{"sandboxAccessToken": []}]);
+            if let Some(scope) = scope {
+                op["x-required-scope"] = json!(scope.as_str());
+            }
         }
     }
     if let Some(body) = spec.request {

@@ -14,6 +14,7 @@ use axum::routing::{MethodFilter, on};
 use sandgate_core::scopes::Scope;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
+use crate::e2b::{control, process};
 use crate::handlers::{audit, execute, keys, meta, ports, sandboxes, usage, webhooks};
 use crate::state::AppState;
 
@@ -26,6 +27,9 @@ pub enum Access {
     Authenticated,
     /// A valid credential holding this scope.
     Scope(Scope),
+    /// E2B's in-sandbox routes: the access token of the sandbox named in
+    /// `E2b-Sandbox-Id`, whose owner's key must hold this scope (if any).
+    SandboxToken(Option<Scope>),
 }
 
 pub type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
@@ -55,6 +59,8 @@ pub struct RouteSpec {
     pub response: Body,
     /// Query parameters: (name, description).
     pub query: &'static [(&'static str, &'static str)],
+    /// One of E2B's routes: errors also carry E2B's shape.
+    pub e2b: bool,
 }
 
 impl RouteSpec {
@@ -69,7 +75,13 @@ impl RouteSpec {
             status: 200,
             response: Body::Empty,
             query: &[],
+            e2b: false,
         }
+    }
+
+    fn e2b(mut self) -> Self {
+        self.e2b = true;
+        self
     }
 
     fn summary(mut self, summary: &'static str) -> Self {
@@ -158,6 +170,11 @@ impl RouteTable {
 
 /// The whole API.
 pub fn table() -> RouteTable {
+    e2b_routes(v1_routes())
+}
+
+/// Operations and `/v1`.
+fn v1_routes() -> RouteTable {
     use Access::{Authenticated, Public, Scope as Needs};
     RouteTable::new()
         // ---- operations ----
@@ -531,6 +548,126 @@ pub fn table() -> RouteTable {
             .summary("Delete a webhook and its pending deliveries")
             .no_content(),
             webhooks::delete_webhook,
+        )
+}
+
+/// E2B's control plane, envd and code interpreter (SPEC §10), beside `/v1`.
+fn e2b_routes(table: RouteTable) -> RouteTable {
+    use Access::{SandboxToken, Scope as Needs};
+    let envd = |name: &'static str, op: &'static str, scope: Scope| {
+        post(name, SandboxToken(Some(scope)), op)
+            .summary("envd (Connect RPC, JSON): the sandbox's access token in X-Access-Token")
+            .returns_text("application/json")
+            .e2b()
+    };
+    table
+        // ---- control plane ----
+        .add(
+            post("/sandboxes", Needs(Scope::SandboxCreate), "e2bCreateSandbox")
+                .summary("E2B: create a sandbox")
+                .body::<control::NewSandbox>()
+                .returns::<control::E2bSandbox>(201)
+                .e2b(),
+            control::create,
+        )
+        .add(
+            post("/v2/sandboxes", Needs(Scope::SandboxCreate), "e2bCreateSandboxV2")
+                .summary("E2B: create a sandbox")
+                .body::<control::NewSandbox>()
+                .returns::<control::E2bSandbox>(201)
+                .e2b(),
+            control::create,
+        )
+        .add(
+            get("/sandboxes", Needs(Scope::SandboxRead), "e2bListSandboxes")
+                .summary("E2B: the caller's running and paused sandboxes")
+                .query(&[("metadata", "k=v&k2=v2, URL-encoded")])
+                .returns::<Vec<control::E2bSandboxDetail>>(200)
+                .e2b(),
+            control::list,
+        )
+        .add(
+            get("/v2/sandboxes", Needs(Scope::SandboxRead), "e2bListSandboxesV2")
+                .summary("E2B: one page of the caller's sandboxes; the next page's token in x-next-token")
+                .query(&[
+                    ("metadata", "k=v&k2=v2, URL-encoded"),
+                    ("state", "running, paused, or both comma-separated"),
+                    ("limit", "per page, 1-1000 (default 100)"),
+                    ("nextToken", "x-next-token of the previous page"),
+                ])
+                .returns::<Vec<control::E2bSandboxDetail>>(200)
+                .e2b(),
+            control::list_v2,
+        )
+        .add(
+            get("/sandboxes/{id}", Needs(Scope::SandboxRead), "e2bGetSandbox")
+                .summary("E2B: one sandbox, with its access token")
+                .returns::<control::E2bSandboxDetail>(200)
+                .e2b(),
+            control::get,
+        )
+        .add(
+            delete("/sandboxes/{id}", Needs(Scope::SandboxDelete), "e2bKillSandbox")
+                .summary("E2B: kill a sandbox")
+                .no_content()
+                .e2b(),
+            control::kill,
+        )
+        .add(
+            post("/sandboxes/{id}/timeout", Needs(Scope::SandboxCreate), "e2bSetSandboxTimeout")
+                .summary("E2B: kill the sandbox `timeout` seconds from now")
+                .body::<control::TimeoutBody>()
+                .no_content()
+                .e2b(),
+            control::set_timeout,
+        )
+        .add(
+            post("/sandboxes/{id}/pause", Needs(Scope::SandboxPause), "e2bPauseSandbox")
+                .summary("E2B: freeze every process of the sandbox")
+                .body::<control::PauseBody>()
+                .no_content()
+                .e2b(),
+            control::pause,
+        )
+        .add(
+            post("/sandboxes/{id}/resume", Needs(Scope::SandboxPause), "e2bResumeSandbox")
+                .summary("E2B: thaw a paused sandbox")
+                .body::<control::ConnectBody>()
+                .returns::<control::E2bSandbox>(201)
+                .e2b(),
+            control::resume,
+        )
+        .add(
+            post("/sandboxes/{id}/connect", Needs(Scope::SandboxRead), "e2bConnectSandbox")
+                .summary("E2B: attach to a sandbox (resumed when paused: needs sandbox:pause; a longer timeout needs sandbox:create)")
+                .body::<control::ConnectBody>()
+                .returns::<control::E2bSandbox>(200)
+                .e2b(),
+            control::connect,
+        )
+        .add(
+            post("/v2/sandboxes/{id}/connect", Needs(Scope::SandboxRead), "e2bConnectSandboxV2")
+                .summary("E2B: attach to a sandbox (resumed when paused: needs sandbox:pause; a longer timeout needs sandbox:create)")
+                .body::<control::ConnectBody>()
+                .returns::<control::E2bSandbox>(200)
+                .e2b(),
+            control::connect,
+        )
+        // ---- envd: processes ----
+        .add(envd("/process.Process/Start", "envdProcessStart", Scope::SandboxExecute), process::start)
+        .add(envd("/process.Process/Connect", "envdProcessConnect", Scope::SandboxExecute), process::connect)
+        .add(envd("/process.Process/List", "envdProcessList", Scope::SandboxExecute), process::list)
+        .add(envd("/process.Process/SendSignal", "envdProcessSendSignal", Scope::SandboxExecute), process::send_signal)
+        .add(envd("/process.Process/SendInput", "envdProcessSendInput", Scope::SandboxExecute), process::send_input)
+        .add(envd("/process.Process/StreamInput", "envdProcessStreamInput", Scope::SandboxExecute), process::stream_input)
+        .add(envd("/process.Process/CloseStdin", "envdProcessCloseStdin", Scope::SandboxExecute), process::close_stdin)
+        .add(envd("/process.Process/Update", "envdProcessUpdate", Scope::SandboxExecute), process::update)
+        .add(
+            get("/health", SandboxToken(None), "envdHealth")
+                .summary("envd: 204 while the sandbox runs (its access token needed)")
+                .no_content()
+                .e2b(),
+            crate::e2b::health,
         )
 }
 

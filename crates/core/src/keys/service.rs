@@ -259,6 +259,41 @@ impl KeyService {
         })
     }
 
+    /// `p` as it stands now: a stored key is looked up again by id (so a
+    /// revocation, an expiry or a change made since `p` was read counts);
+    /// another source's principal stands until its own expiry. For credentials
+    /// derived from a key (a sandbox's access token acts for its owner).
+    pub fn current(&self, p: &Arc<Principal>) -> Result<Arc<Principal>, Denied> {
+        let now = Timestamp::now();
+        if p.source != CredentialSource::StoredKey {
+            return if p.expires_at.is_some_and(|e| e <= now) {
+                Err(Denied {
+                    failure: AuthFailure::Expired,
+                    key: Some(Arc::clone(p)),
+                })
+            } else {
+                Ok(Arc::clone(p))
+            };
+        }
+        let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = cache.by_id.get(&p.key_id) else {
+            return Err(AuthFailure::Unknown.into());
+        };
+        let refuse = |failure| {
+            Err(Denied {
+                failure,
+                key: Some(Arc::clone(&entry.principal)),
+            })
+        };
+        if entry.record.revoked_at.is_some() {
+            refuse(AuthFailure::Revoked)
+        } else if entry.record.expires_at.is_some_and(|e| e <= now) {
+            refuse(AuthFailure::Expired)
+        } else {
+            Ok(Arc::clone(&entry.principal))
+        }
+    }
+
     async fn refresh_on_miss(&self) {
         let mut last = self.miss_refresh.lock().await;
         if last.is_some_and(|t| t.elapsed() < MISS_REFRESH_INTERVAL) {

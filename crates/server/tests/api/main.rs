@@ -4,6 +4,7 @@ mod audit;
 mod callback;
 mod common;
 mod containment;
+mod e2b;
 mod errors;
 mod execute;
 mod isolation;

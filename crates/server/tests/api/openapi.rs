@@ -24,6 +24,15 @@ fn the_document_covers_every_route_and_matches_the_snapshot() {
             Access::Authenticated => {
                 assert!(op["security"].as_array().is_some_and(|a| !a.is_empty()))
             }
+            Access::SandboxToken(scope) => {
+                assert_eq!(
+                    op["security"][0]["sandboxAccessToken"],
+                    serde_json::json!([])
+                );
+                if let Some(s) = scope {
+                    assert_eq!(op["x-required-scope"], s.as_str());
+                }
+            }
         }
     }
     assert!(doc["components"]["schemas"]["KeyView"].is_object());

@@ -36,6 +36,17 @@ fn every_route_demands_its_declared_scope() {
                 );
                 continue;
             }
+            Access::SandboxToken(_) => {
+                // No sandbox named, no token: refused like envd refuses
+                // (the E2B tests open these routes with real tokens).
+                assert_error(&anon, 401, "UNAUTHORIZED");
+                let r = app
+                    .client(&app.admin_key)
+                    .raw(method, &path, &[], None)
+                    .unwrap();
+                assert_error(&r, 401, "UNAUTHORIZED");
+                continue;
+            }
             _ => assert_error(&anon, 401, "UNAUTHORIZED"),
         };
         let Access::Scope(needed) = spec.access else {

@@ -1,0 +1,219 @@
+//! What E2B's protocol needs of a sandbox beyond SPEC §4: access tokens (its
+//! in-sandbox agent is reached with a per-sandbox token, not a key), commands
+//! left running with their own pid, stdin and signals, and "connect" (resume a
+//! paused sandbox, lengthen its life).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::{Live, SandboxError, SandboxManager, SandboxState, SandboxView, TokenRefusal};
+use crate::keys::api::invalid;
+use crate::model::Timestamp;
+use crate::principal::Principal;
+use crate::processes::{ProcessConfig, ProcessEvent, ProcessTable};
+use sandgate_jail::{Limits, Spec};
+use tokio::sync::mpsc;
+
+pub(super) fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// A command to start and leave running.
+#[derive(Debug, Clone, Default)]
+pub struct StartProcess {
+    pub config: ProcessConfig,
+    pub tag: Option<String>,
+    /// Keep the process's stdin open for later writes.
+    pub stdin: bool,
+    /// Kill the process (its whole group) this long after its start.
+    pub timeout: Option<Duration>,
+}
+
+impl SandboxManager {
+    /// The owner of live sandbox `id`, when `token` is its access token. The
+    /// comparison is of SHA-256 digests, in constant time.
+    pub fn owner_by_token(
+        &self,
+        id: &str,
+        token: Option<&str>,
+    ) -> Result<Arc<Principal>, TokenRefusal> {
+        let live = self.live().get(id).cloned().ok_or(TokenRefusal::NotFound)?;
+        let presented = token_hash(token.unwrap_or_default());
+        if token.is_some() && bool::from(presented.ct_eq(&live.access)) {
+            Ok(Arc::clone(&live.owner))
+        } else {
+            Err(TokenRefusal::BadToken)
+        }
+    }
+
+    /// The access token of the caller's sandbox (E2B's connect returns it).
+    pub fn access_token(&self, caller: &Principal, id: &str) -> Result<String, SandboxError> {
+        Ok(self.find(caller, id)?.access_token.clone())
+    }
+
+    /// The commands left running in the caller's sandbox.
+    pub fn processes(
+        &self,
+        caller: &Principal,
+        id: &str,
+    ) -> Result<Arc<ProcessTable>, SandboxError> {
+        Ok(Arc::clone(&self.find(caller, id)?.processes))
+    }
+
+    /// Starts a command in the caller's sandbox, as the sandbox user, and
+    /// leaves it running; its pid inside the sandbox and its output, from the
+    /// first byte. The working directory must exist.
+    pub async fn start_process(
+        &self,
+        caller: &Principal,
+        id: &str,
+        req: StartProcess,
+    ) -> Result<(u32, mpsc::Receiver<ProcessEvent>), SandboxError> {
+        let live = self.find(caller, id)?;
+        let c = &req.config;
+        if c.cmd.is_empty() || !c.cmd.starts_with('/') && c.cmd.contains('/') {
+            return Err(invalid("cmd", "cmd must be a program name or an absolute path").into());
+        }
+        let cwd = c.cwd.clone().unwrap_or_else(|| "/home/user".to_owned());
+        if !cwd.starts_with('/') || cwd.contains('\0') {
+            return Err(invalid("cwd", "cwd must be an absolute path").into());
+        }
+        // A bare program name is looked up on the sandbox's PATH, by a shell.
+        let mut argv = if c.cmd.starts_with('/') {
+            vec![c.cmd.clone()]
+        } else {
+            ["/bin/sh", "-c", "exec \"$@\"", "sh", &c.cmd]
+                .map(str::to_owned)
+                .to_vec()
+        };
+        argv.extend(c.args.iter().cloned());
+        if argv.iter().map(String::len).sum::<usize>() > 1 << 20 {
+            return Err(invalid("args", "over the limit of 1 MiB").into());
+        }
+        let mut env = self.process_env(&live, &c.envs)?;
+        // The shell's idea of where it is: /home/user, not the /workspace it
+        // links to.
+        if !env.iter().any(|(k, _)| k == "PWD") {
+            env.push(("PWD".into(), cwd.clone()));
+        }
+        ensure_running(&live)?;
+        let spec = Spec {
+            argv,
+            env,
+            cwd: cwd.clone(),
+            limits: Limits {
+                file_size_bytes: self.limits.tmpfs_bytes,
+                open_files: 1024,
+                ..Limits::default()
+            },
+            ..Spec::default()
+        };
+        let jail = self.jail()?;
+        let live_for_spawn = Arc::clone(&live);
+        let keep_stdin = req.stdin;
+        let spawned = tokio::task::spawn_blocking(move || {
+            let guard = live_for_spawn
+                .jail
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            let sandbox = guard.as_ref().ok_or(SandboxError::NotFound)?;
+            match sandbox.stat_path(&spec.cwd, true) {
+                Ok(info) if info.kind == "dir" => {}
+                _ => {
+                    return Err(SandboxError::Invalid(invalid(
+                        "cwd",
+                        format!("cwd '{}' does not exist", spec.cwd),
+                    )));
+                }
+            }
+            Ok(jail.spawn(sandbox, &spec, keep_stdin)?)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let table = Arc::clone(&live.processes);
+        let (pid, events) = table
+            .adopt(spawned, req.config, req.tag, req.timeout)
+            .map_err(|e| match e {
+                crate::processes::ProcessError::Io(e) => SandboxError::Jail(e),
+                other => SandboxError::Conflict(other.to_string()),
+            })?;
+        Ok((pid, events))
+    }
+
+    /// The environment of a started command: the base, the sandbox's, the
+    /// request's (each overriding the one before).
+    fn process_env(
+        &self,
+        live: &Live,
+        extra: &BTreeMap<String, String>,
+    ) -> Result<Vec<(String, String)>, SandboxError> {
+        let extra = crate::execute::validate_env(extra.clone(), 128)?;
+        let mut env = crate::execute::base_env();
+        for (k, v) in live.env.iter().chain(extra.iter()) {
+            env.retain(|(name, _)| name != k);
+            env.push((k.clone(), v.clone()));
+        }
+        Ok(env)
+    }
+
+    /// E2B's connect: resumes the sandbox when paused, and moves its expiry
+    /// to `timeout_sec` from now when that is later than it is now.
+    pub async fn connect(
+        &self,
+        caller: &Principal,
+        id: &str,
+        timeout_sec: Option<u64>,
+    ) -> Result<SandboxView, SandboxError> {
+        let live = self.find(caller, id)?;
+        let paused = live
+            .record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .view
+            .state
+            == SandboxState::Paused;
+        if paused {
+            match self.set_paused(caller, id, false).await {
+                Ok(_) | Err(SandboxError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(secs) = timeout_sec {
+            let wanted = Timestamp::from_millis(
+                Timestamp::now().millis() + secs.min(self.limits.max_timeout_sec) as i64 * 1000,
+            );
+            let later = live
+                .record
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .view
+                .expires_at
+                < wanted;
+            if later && secs > 0 {
+                return self
+                    .set_timeout(caller, id, secs.min(self.limits.max_timeout_sec))
+                    .await;
+            }
+        }
+        self.get(caller, id)
+    }
+}
+
+fn ensure_running(live: &Live) -> Result<(), SandboxError> {
+    let state = live
+        .record
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .view
+        .state;
+    if state == SandboxState::Paused {
+        return Err(SandboxError::Conflict(
+            "the sandbox is paused; resume it first".into(),
+        ));
+    }
+    Ok(())
+}
