@@ -78,7 +78,13 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     let make_service = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    // Streamed answers (exec output, envd events) are written in small pieces:
+    // without TCP_NODELAY each waits for the client's delayed ACK (~40 ms).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     serve_until_flushed(
         &state,
         axum::serve(listener, make_service)
@@ -112,7 +118,10 @@ pub async fn run_tls(
         stopper.graceful_shutdown(Some(std::time::Duration::from_secs(30)));
     });
     let make_service = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum_server::from_tcp_rustls(listener.into_std()?, config)?
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
+        .acceptor(axum_server::accept::NoDelayAcceptor::new());
+    let server = axum_server::from_tcp(listener.into_std()?)?
+        .acceptor(acceptor)
         .handle(handle)
         .serve(make_service);
     serve_until_flushed(&state, server).await
