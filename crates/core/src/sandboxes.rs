@@ -27,8 +27,8 @@ use crate::processes::ProcessTable;
 mod long_running;
 use crate::store::StoreError;
 use crate::webhooks::EventSink;
-pub use long_running::StartProcess;
 use long_running::token_hash;
+pub use long_running::{PreparedProcess, StartProcess};
 
 /// Server-wide bounds on sandboxes.
 #[derive(Debug, Clone)]

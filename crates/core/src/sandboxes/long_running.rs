@@ -22,6 +22,21 @@ pub(super) fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// A checked command, holding its sandbox (see [`SandboxManager::prepare_process`]).
+pub struct PreparedProcess {
+    live: Arc<Live>,
+    spec: Spec,
+    req: StartProcess,
+}
+
+impl std::fmt::Debug for PreparedProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedProcess")
+            .field("cmd", &self.req.config.cmd)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A command to start and leave running.
 #[derive(Debug, Clone, Default)]
 pub struct StartProcess {
@@ -66,13 +81,26 @@ impl SandboxManager {
 
     /// Starts a command in the caller's sandbox, as the sandbox user, and
     /// leaves it running; its pid inside the sandbox and its output, from the
-    /// first byte. The working directory must exist.
+    /// first byte. [`SandboxManager::prepare_process`], then
+    /// [`SandboxManager::start_prepared`].
     pub async fn start_process(
         &self,
         caller: &Principal,
         id: &str,
         req: StartProcess,
     ) -> Result<(u32, mpsc::Receiver<ProcessEvent>), SandboxError> {
+        let prepared = self.prepare_process(caller, id, req).await?;
+        self.start_prepared(prepared).await
+    }
+
+    /// Checks a command to start (its program, arguments, environment and
+    /// working directory, which must exist in the sandbox) without starting it.
+    pub async fn prepare_process(
+        &self,
+        caller: &Principal,
+        id: &str,
+        req: StartProcess,
+    ) -> Result<PreparedProcess, SandboxError> {
         let live = self.find(caller, id)?;
         let c = &req.config;
         if c.cmd.is_empty() || !c.cmd.starts_with('/') && c.cmd.contains('/') {
@@ -101,10 +129,25 @@ impl SandboxManager {
             env.push(("PWD".into(), cwd.clone()));
         }
         ensure_running(&live)?;
+        let is_dir = {
+            let (live, cwd) = (Arc::clone(&live), cwd.clone());
+            tokio::task::spawn_blocking(move || {
+                let guard = live.jail.read().unwrap_or_else(|p| p.into_inner());
+                guard
+                    .as_ref()
+                    .map(|s| s.stat_path(&cwd, true).is_ok_and(|i| i.kind == "dir"))
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .ok_or(SandboxError::NotFound)?
+        };
+        if !is_dir {
+            return Err(invalid("cwd", format!("cwd '{cwd}' does not exist")).into());
+        }
         let spec = Spec {
             argv,
             env,
-            cwd: cwd.clone(),
+            cwd,
             limits: Limits {
                 file_size_bytes: self.limits.tmpfs_bytes,
                 open_files: 1024,
@@ -112,6 +155,15 @@ impl SandboxManager {
             },
             ..Spec::default()
         };
+        Ok(PreparedProcess { live, spec, req })
+    }
+
+    /// Starts a checked command (after the caller took its execution).
+    pub async fn start_prepared(
+        &self,
+        prepared: PreparedProcess,
+    ) -> Result<(u32, mpsc::Receiver<ProcessEvent>), SandboxError> {
+        let PreparedProcess { live, spec, req } = prepared;
         let jail = self.jail()?;
         let live_for_spawn = Arc::clone(&live);
         let keep_stdin = req.stdin;
@@ -121,21 +173,12 @@ impl SandboxManager {
                 .read()
                 .unwrap_or_else(|p| p.into_inner());
             let sandbox = guard.as_ref().ok_or(SandboxError::NotFound)?;
-            match sandbox.stat_path(&spec.cwd, true) {
-                Ok(info) if info.kind == "dir" => {}
-                _ => {
-                    return Err(SandboxError::Invalid(invalid(
-                        "cwd",
-                        format!("cwd '{}' does not exist", spec.cwd),
-                    )));
-                }
-            }
-            Ok(jail.spawn(sandbox, &spec, keep_stdin)?)
+            Ok::<_, SandboxError>(jail.spawn(sandbox, &spec, keep_stdin)?)
         })
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
-        let table = Arc::clone(&live.processes);
-        let (pid, events) = table
+        let (pid, events) = live
+            .processes
             .adopt(spawned, req.config, req.tag, req.timeout)
             .map_err(|e| match e {
                 crate::processes::ProcessError::Io(e) => SandboxError::Jail(e),

@@ -253,9 +253,21 @@ pub async fn start(
     let Some(process) = req.process else {
         return stream_error(&RpcError::invalid("process is required"));
     };
-    if let Err(e) = state.sandboxes().processes(&caller, &id) {
-        return stream_error(&rpc_of_sandbox(e));
-    }
+    let start = StartProcess {
+        config: ProcessConfig {
+            cmd: process.cmd,
+            args: process.args,
+            envs: process.envs,
+            cwd: process.cwd.filter(|c| !c.is_empty()),
+        },
+        tag: req.tag,
+        stdin: req.stdin.unwrap_or(true),
+        timeout: timeout(&headers),
+    };
+    let prepared = match state.sandboxes().prepare_process(&caller, &id, start).await {
+        Ok(p) => p,
+        Err(e) => return stream_error(&rpc_of_sandbox(e)),
+    };
     match state.keys().consume_execution(&caller).await {
         Ok(_) => {}
         Err(QuotaExhausted::Exhausted) => {
@@ -268,18 +280,7 @@ pub async fn start(
         }
     }
     state.usage().execution(&caller, 0);
-    let start = StartProcess {
-        config: ProcessConfig {
-            cmd: process.cmd,
-            args: process.args,
-            envs: process.envs,
-            cwd: process.cwd.filter(|c| !c.is_empty()),
-        },
-        tag: req.tag,
-        stdin: req.stdin.unwrap_or(true),
-        timeout: timeout(&headers),
-    };
-    match state.sandboxes().start_process(&caller, &id, start).await {
+    match state.sandboxes().start_prepared(prepared).await {
         Ok((pid, events)) => event_stream(pid, events, keepalive(&headers)),
         Err(e) => stream_error(&rpc_of_sandbox(e)),
     }

@@ -5,6 +5,7 @@ import time
 
 import pytest
 from e2b import AsyncSandbox, CommandExitException, Sandbox, TimeoutException
+from e2b.exceptions import InvalidArgumentException
 
 
 def test_foreground_output_env_and_cwd(sandbox):
@@ -17,6 +18,13 @@ def test_foreground_output_env_and_cwd(sandbox):
     r = sandbox.commands.run("pwd; touch here", cwd="/tmp/work")
     assert r.stdout.strip() == "/tmp/work"
     assert sandbox.commands.run("ls /tmp/work").stdout.split() == ["here", "sub"]
+
+
+def test_a_missing_cwd_is_refused_before_anything_runs(sandbox):
+    with pytest.raises(InvalidArgumentException) as info:
+        sandbox.commands.run("touch /tmp/ran", cwd="/no/such/dir")
+    assert "/no/such/dir" in str(info.value)
+    assert sandbox.commands.run("ls /tmp").stdout == ""
 
 
 def test_sandbox_envs_reach_every_command():
