@@ -374,6 +374,24 @@ impl Spawned {
         if self.ended || !self.is_running() {
             return;
         }
+        // The program itself first (through its pidfd when there is one): it
+        // may not have made its own process group yet.
+        match &self.pidfd {
+            // SAFETY: pidfd_send_signal on a pidfd we own; no memory effects.
+            Some(fd) => unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    signal,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+            },
+            // SAFETY: kill has no memory effects; the program is not reaped.
+            None => unsafe {
+                libc::kill(self.pid, signal);
+            },
+        }
         // SAFETY: kill has no memory effects; the group is the program's, and
         // the program has not been reaped (its pidfd is not readable).
         unsafe { libc::kill(-self.pid, signal) };

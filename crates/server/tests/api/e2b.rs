@@ -86,6 +86,12 @@ fn sdk_commands() {
 }
 
 #[test]
+fn envd_wire_protocol() {
+    let Some((app, key)) = app() else { return };
+    pytest(&app, "test_protocol.py", &key, &[]);
+}
+
+#[test]
 fn sdk_sandbox_lifecycle() {
     let Some((app, key)) = app() else { return };
     pytest(&app, "test_lifecycle.py", &key, &[]);

@@ -125,6 +125,12 @@ def test_stdin_send_and_close(sandbox):
     assert r.stdout == "got:hello\nmore\n"
 
 
+def test_stdin_streamed_in_order(sandbox):
+    h = sandbox.commands.run("head -n 3", background=True, stdin=True)
+    sandbox.commands.stream_input(h.pid, iter(["a\n", b"b\n", "c\n"]))
+    assert h.wait().stdout == "a\nb\nc\n"
+
+
 def test_connect_to_a_running_command(sandbox):
     h = sandbox.commands.run("sleep 1; echo late", background=True)
     again = sandbox.commands.connect(h.pid)
