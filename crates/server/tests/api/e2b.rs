@@ -114,6 +114,10 @@ fn sdk_is_held_to_sandgate_security() {
         "scopes": ["sandbox:create", "sandbox:read", "sandbox:delete", "sandbox:files"]
     }));
     let (read_only, _) = app.create_key(json!({"name": "ro", "profile": "read-only"}));
+    let (rate_limited, _) = app.create_key(json!({
+        "name": "rate-limited", "profile": "sandbox-user",
+        "rateLimits": [{"limit": 4, "windowSec": 3600}]
+    }));
     pytest(
         &app,
         "test_security.py",
@@ -124,6 +128,7 @@ fn sdk_is_held_to_sandgate_security() {
             ("SANDGATE_LIMITED_KEY", limited),
             ("SANDGATE_NO_EXECUTE_KEY", no_execute),
             ("SANDGATE_READ_ONLY_KEY", read_only),
+            ("SANDGATE_RATE_LIMITED_KEY", rate_limited),
         ],
     );
 }

@@ -107,6 +107,22 @@ def test_each_command_is_an_execution_of_the_quota():
     assert limited["executionsRemaining"] == 0
 
 
+def test_envd_calls_count_against_the_owners_rate_limits():
+    key = env("SANDGATE_RATE_LIMITED_KEY")
+    sbx = Sandbox.create(timeout=60, api_key=key)  # 1 of 4
+    try:
+        for i in range(3):  # 2, 3, 4
+            sbx.commands.run("true")
+        with pytest.raises(RateLimitException):
+            sbx.commands.run("true")
+        r = envd(sbx.sandbox_id, sbx._envd_access_token)
+        assert r.status_code == 429
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["ratelimit-remaining"] == "0"
+    finally:
+        Sandbox.kill(sbx.sandbox_id, api_key=env("SANDGATE_ADMIN_KEY"))
+
+
 def test_scopes_of_the_owners_key_bind_its_sandboxes():
     sbx = Sandbox.create(timeout=60, api_key=env("SANDGATE_NO_EXECUTE_KEY"))
     try:
