@@ -35,6 +35,12 @@ pub(crate) enum Op {
         contents: Vec<u8>,
         mode: u32,
     },
+    /// Gives `path` (not following a final symlink) to this owner.
+    Chown {
+        path: CString,
+        uid: u32,
+        gid: u32,
+    },
     /// Makes `path` the root and detaches the old one.
     PivotRoot {
         path: CString,
@@ -564,6 +570,9 @@ unsafe fn run_op(op: &Op, report: c_int, stage: i32) {
                     rest = &rest[n as usize..];
                 }
                 libc::close(fd);
+            }
+            Op::Chown { path, uid, gid } => {
+                check(libc::lchown(path.as_ptr(), *uid, *gid), report, stage);
             }
             Op::PivotRoot { path } => {
                 check(libc::chdir(path.as_ptr()), report, stage);

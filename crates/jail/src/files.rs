@@ -87,7 +87,7 @@ fn components(path: &str) -> Vec<&str> {
 }
 
 impl Sandbox {
-    fn root_fd(&self) -> io::Result<OwnedFd> {
+    pub(crate) fn root_fd(&self) -> io::Result<OwnedFd> {
         let path = cstr(&format!("/proc/{}/root", self.init_pid()))?;
         // SAFETY: opens a path from a live C string; the fd is owned below.
         let fd = check(unsafe {
@@ -101,7 +101,7 @@ impl Sandbox {
     }
 
     /// Opens `path` relative to `dir`, never leaving the sandbox's root.
-    fn open_in(
+    pub(crate) fn open_in(
         &self,
         dir: &OwnedFd,
         path: &str,

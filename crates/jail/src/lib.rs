@@ -34,10 +34,12 @@ use std::time::{Duration, Instant};
 mod cgroup;
 mod child;
 mod files;
+mod layer;
 mod netns;
 mod sandbox;
 
 pub use files::{DirEntry, FileContent, PathInfo};
+pub use layer::{CaptureError, CaptureLimits, CaptureReport};
 pub use sandbox::{ProgramEnd, Sandbox, Spawned};
 mod seccomp;
 
@@ -379,6 +381,16 @@ impl Jail {
 
     /// The filesystem steps alone (a sandbox's init builds them without a program).
     pub(crate) fn plan_fs(&self, spec: &Spec) -> io::Result<Vec<Op>> {
+        self.plan_fs_on(spec, None)
+    }
+
+    /// [`Jail::plan_fs`], with `/workspace` an overlay of `workspace_lower` (a
+    /// template's layer) when one is given.
+    pub(crate) fn plan_fs_on(
+        &self,
+        spec: &Spec,
+        workspace_lower: Option<&Path>,
+    ) -> io::Result<Vec<Op>> {
         for f in &spec.files {
             if f.name.is_empty() || f.name.contains('/') || f.name == "." || f.name == ".." {
                 return Err(invalid(&format!("bad sandbox file name `{}`", f.name)));
@@ -588,6 +600,14 @@ impl Jail {
                 mode: 0o755,
             });
             ops.push(tmpfs(at(dir)?, nosuid_nodev, scratch(mode, owner))?);
+        }
+        if let Some(lower) = workspace_lower {
+            ops.extend(layer::workspace_overlay(
+                &at("/workspace")?,
+                lower,
+                uid,
+                gid,
+            )?);
         }
 
         // E2B's programs expect a home at /home/user: the same place as /workspace.

@@ -53,6 +53,15 @@ impl Jail {
     /// memory, pids and CPU limits bound everything ever run inside).
     pub fn create_sandbox(&self, spec: &Spec) -> io::Result<Sandbox> {
         let ops = self.plan_fs(spec)?;
+        self.create_sandbox_with(spec, ops)
+    }
+
+    /// [`Jail::create_sandbox`] with the filesystem steps already planned.
+    pub(crate) fn create_sandbox_with(
+        &self,
+        spec: &Spec,
+        ops: Vec<child::Op>,
+    ) -> io::Result<Sandbox> {
         let limits = spec.limits;
         let id = format!(
             "{}-{}",
