@@ -14,6 +14,7 @@ pub mod processes;
 pub mod sandboxes;
 pub mod scopes;
 pub mod store;
+pub mod templates;
 pub mod usage;
 mod warm;
 pub mod webhooks;

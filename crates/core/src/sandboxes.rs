@@ -270,6 +270,12 @@ struct Live {
     access: [u8; 32],
     /// Commands started inside and left running (E2B's process service).
     processes: Arc<ProcessTable>,
+    /// The template layer under its `/workspace`, kept while it runs.
+    #[expect(
+        dead_code,
+        reason = "held so the layer outlives the sandbox's use of it"
+    )]
+    layer: Option<Arc<crate::templates::Layer>>,
 }
 
 /// Live sandboxes, their limits, and the store that remembers them.
@@ -284,6 +290,8 @@ pub struct SandboxManager {
     warm: Arc<crate::warm::WarmPool>,
     /// Told of `sandbox.created` and `sandbox.killed` (webhooks).
     events: Option<Arc<dyn EventSink>>,
+    /// Resolves `template` (only `default` without it).
+    templates: Option<Arc<crate::templates::TemplateService>>,
 }
 
 impl std::fmt::Debug for SandboxManager {
@@ -333,12 +341,22 @@ impl SandboxManager {
             live: Mutex::new(HashMap::new()),
             warm,
             events: None,
+            templates: None,
         })
     }
 
     /// Announces sandbox creations and kills from now on to `sink`.
     pub fn with_events(mut self, sink: Arc<dyn EventSink>) -> SandboxManager {
         self.events = Some(sink);
+        self
+    }
+
+    /// Sandboxes may start from the templates of `templates` from now on.
+    pub fn with_templates(
+        mut self,
+        templates: Arc<crate::templates::TemplateService>,
+    ) -> SandboxManager {
+        self.templates = Some(templates);
         self
     }
 
@@ -400,8 +418,13 @@ impl SandboxManager {
         req: CreateSandboxRequest,
     ) -> Result<CreatedSandbox, SandboxError> {
         let l = &self.limits;
+        // The template's defaults fill what the request leaves open.
+        let (req, layer) = match &self.templates {
+            Some(t) => t.prepare_sandbox(caller, req).await?,
+            None => (req, None),
+        };
         let template = req.template.unwrap_or_else(|| "default".to_owned());
-        if template != "default" {
+        if template != "default" && layer.is_none() {
             return Err(invalid("template", format!("unknown template `{template}`")).into());
         }
         let network = req.network.unwrap_or_else(|| "none".to_owned());
@@ -472,6 +495,7 @@ impl SandboxManager {
             access: token_hash(&access_token),
             access_token: access_token.clone(),
             processes: Arc::default(),
+            layer: layer.clone(),
         });
         {
             let mut live = self.live();
@@ -487,18 +511,27 @@ impl SandboxManager {
             }
             live.insert(id.clone(), Arc::clone(&placeholder));
         }
-        // A warm sandbox when there is one (given the asked limits), else a new one.
-        let sandbox = match self.warm.take() {
-            Some(warm) => match warm.set_limits(memory_mb << 20, (cpus * 1000.0).round() as u32) {
-                Ok(()) => Ok(warm),
-                Err(e) => Err(e),
-            },
-            None => {
-                let spec = sandbox_spec(l, memory_mb, cpus);
-                tokio::task::spawn_blocking(move || jail.create_sandbox(&spec))
-                    .await
-                    .map_err(|e| io::Error::other(e.to_string()))
-                    .and_then(|r| r)
+        // On a template's layer, a new sandbox (it copies nothing); otherwise a
+        // warm one when there is one (given the asked limits), else a new one.
+        let spec = sandbox_spec(l, memory_mb, cpus);
+        let warm = if layer.is_none() {
+            self.warm.take()
+        } else {
+            None
+        };
+        let sandbox = match (&layer, warm) {
+            (None, Some(warm)) => warm
+                .set_limits(memory_mb << 20, (cpus * 1000.0).round() as u32)
+                .map(|()| warm),
+            (layer, _) => {
+                let layer = layer.as_ref().map(|l| l.path().to_owned());
+                tokio::task::spawn_blocking(move || match layer {
+                    Some(path) => jail.create_sandbox_on(&spec, &path),
+                    None => jail.create_sandbox(&spec),
+                })
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|r| r)
             }
         };
         let sandbox = match sandbox {

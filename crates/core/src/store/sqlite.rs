@@ -20,6 +20,7 @@ use crate::model::{
     AuditQuery, AuditRecord, DeliveryAttempt, DueDelivery, Env, EventRecord, KeyRecord, Outcome,
     QuotaRecord, Timestamp, WebhookRecord,
 };
+use crate::templates::{TemplateRecord, TemplateStore};
 use crate::usage::{UsageCounts, UsageQuery, UsageRow};
 
 /// Schema versions, applied in order; `PRAGMA user_version` says how many ran.
@@ -161,6 +162,17 @@ DROP TABLE audit_log;
 ALTER TABLE audit_log_v5 RENAME TO audit_log;
 CREATE INDEX audit_log_tenant ON audit_log (tenant, env, seq);
 CREATE INDEX audit_log_key ON audit_log (key_id, seq);
+"#,
+    // Templates: the object (with its last build's status and log) as JSON.
+    r#"
+CREATE TABLE templates (
+    tenant TEXT NOT NULL,
+    env TEXT NOT NULL,
+    id TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    view TEXT NOT NULL,
+    PRIMARY KEY (tenant, env, id)
+);
 "#,
 ];
 
@@ -1120,6 +1132,67 @@ impl WebhookStore for SqliteStore {
             )
             .map_err(db)?;
             Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl TemplateStore for SqliteStore {
+    async fn save_template(&self, record: &TemplateRecord) -> Result<(), StoreError> {
+        let (tenant, env, id) = (record.tenant.clone(), record.env, record.view.id.clone());
+        let updated_at = record.view.updated_at.millis();
+        let view = to_json(&record.view);
+        self.write(move |tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO templates (tenant, env, id, updated_at, view) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![tenant, env.as_str(), id, updated_at, view],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_template(&self, tenant: &str, env: Env, id: &str) -> Result<(), StoreError> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        self.write(move |tx| {
+            tx.execute(
+                "DELETE FROM templates WHERE tenant = ?1 AND env = ?2 AND id = ?3",
+                params![tenant, env.as_str(), id],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn load_templates(&self) -> Result<Vec<TemplateRecord>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT tenant, env, view FROM templates ORDER BY tenant, env, id")
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })
+                .map_err(db)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(db)?;
+            rows.into_iter()
+                .map(|(tenant, env, view)| {
+                    Ok(TemplateRecord {
+                        tenant,
+                        env: env.parse().map_err(StoreError::Corrupt)?,
+                        view: from_json(&view, "template")?,
+                    })
+                })
+                .collect()
         })
         .await
     }
