@@ -14,6 +14,7 @@ use sandgate_core::keys::api::InvalidField;
 use sandgate_core::sandboxes::SandboxError;
 use sandgate_core::scopes::Scope;
 use sandgate_core::store::StoreError;
+use sandgate_core::templates::TemplateError;
 use sandgate_core::webhooks::WebhookError;
 use serde_json::{Map, Value, json};
 
@@ -238,6 +239,17 @@ impl From<KeyError> for ApiError {
             KeyError::Invalid(field) => field.into(),
             KeyError::Conflict(message) => ApiError::conflict(message),
             KeyError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<TemplateError> for ApiError {
+    fn from(e: TemplateError) -> ApiError {
+        match e {
+            TemplateError::NotFound => ApiError::not_found("template"),
+            TemplateError::Conflict(message) => ApiError::conflict(message),
+            TemplateError::Invalid(field) => field.into(),
+            TemplateError::Store(e) => e.into(),
         }
     }
 }

@@ -151,6 +151,7 @@ async fn serve_until_flushed(
 /// Writes what is held in memory: request counts, last-use times, audit rows.
 pub async fn flush(state: &AppState) {
     state.executor().shutdown().await;
+    state.templates().shutdown().await;
     // Sandboxes do not survive the server: kill them, and bill their time.
     for (owner, seconds) in state.sandboxes().kill_all().await {
         state.usage().sandbox_seconds(&owner, seconds);

@@ -15,7 +15,7 @@ use sandgate_core::scopes::Scope;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
 use crate::e2b::{control, process};
-use crate::handlers::{audit, execute, keys, meta, ports, sandboxes, usage, webhooks};
+use crate::handlers::{audit, execute, keys, meta, ports, sandboxes, templates, usage, webhooks};
 use crate::state::AppState;
 
 /// What a route demands of its caller.
@@ -490,6 +490,45 @@ fn v1_routes() -> RouteTable {
                 .summary("HTTP to the sandbox's port (the caller's credentials are not passed on)")
                 .returns_text("*/*"),
             ports::proxy,
+        )
+        // ---- templates ----
+        .add(
+            get("/v1/templates", Needs(Scope::TemplateRead), "listTemplates")
+                .summary("`default` and the caller's templates, with build status (no logs)")
+                .returns::<templates::TemplateList>(200),
+            templates::list,
+        )
+        .add(
+            post("/v1/templates", Needs(Scope::TemplateWrite), "createTemplate")
+                .summary("Create a template; its build runs in the background (status building)")
+                .body::<sandgate_core::templates::CreateTemplateRequest>()
+                .returns::<sandgate_core::templates::TemplateView>(201),
+            templates::create,
+        )
+        .add(
+            get("/v1/templates/{id}", Needs(Scope::TemplateRead), "getTemplate")
+                .summary("One template, with its last build's status, timings and log")
+                .returns::<sandgate_core::templates::TemplateView>(200),
+            templates::get,
+        )
+        .add(
+            post("/v1/templates/{id}", Needs(Scope::TemplateWrite), "rebuildTemplate")
+                .summary("Build the template again; running sandboxes keep their files")
+                .returns::<sandgate_core::templates::TemplateView>(200),
+            templates::rebuild,
+        )
+        .add(
+            patch("/v1/templates/{id}", Needs(Scope::TemplateWrite), "updateTemplate")
+                .summary("Change fields; a change of files or setup rebuilds")
+                .body::<sandgate_core::templates::UpdateTemplateRequest>()
+                .returns::<sandgate_core::templates::TemplateView>(200),
+            templates::update,
+        )
+        .add(
+            delete("/v1/templates/{id}", Needs(Scope::TemplateWrite), "deleteTemplate")
+                .summary("Delete a template; running sandboxes keep working")
+                .no_content(),
+            templates::delete,
         )
         // ---- usage ----
         .add(

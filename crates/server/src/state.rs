@@ -16,6 +16,7 @@ use sandgate_core::sandboxes::{SandboxLimits, SandboxManager, SandboxStore};
 use sandgate_core::store::{
     AuditStore, KeyStore, SqliteStore, StoreError, UsageStore, WebhookStore,
 };
+use sandgate_core::templates::{TemplateLimits, TemplateService, TemplateStore};
 use sandgate_core::usage::UsageRecorder;
 use sandgate_core::webhooks::WebhookService;
 use sandgate_core::webhooks::delivery::DeliveryConfig;
@@ -91,6 +92,8 @@ pub struct ServerConfig {
     pub sandbox_limits: SandboxLimits,
     /// How often expired sandboxes are looked for.
     pub sandbox_reap_interval: Duration,
+    /// Bounds on templates and their builds.
+    pub template_limits: TemplateLimits,
     /// `SANDGATE_WEBHOOK_ALLOW_PRIVATE=1`: webhooks may point at loopback and private
     /// addresses (a local receiver, tests); refused by default.
     pub webhook_allow_private: bool,
@@ -126,6 +129,7 @@ impl ServerConfig {
             jail: JailConfig::default(),
             sandbox_limits: SandboxLimits::default(),
             sandbox_reap_interval: Duration::from_secs(1),
+            template_limits: TemplateLimits::default(),
             webhook_allow_private: false,
             webhook_retry_base: Duration::from_secs(1),
             webhook_max_attempts: 8,
@@ -174,6 +178,7 @@ struct Inner {
     open_principal: Arc<Principal>,
     executor: Executor,
     sandboxes: SandboxManager,
+    templates: Arc<TemplateService>,
     webhooks: Arc<WebhookService>,
 }
 
@@ -186,6 +191,7 @@ impl AppState {
         let audit_store: Arc<dyn AuditStore> = Arc::new(store.clone());
         let usage_store: Arc<dyn UsageStore> = Arc::new(store.clone());
         let webhook_store: Arc<dyn WebhookStore> = Arc::new(store.clone());
+        let template_store: Arc<dyn TemplateStore> = Arc::new(store.clone());
         let sandbox_store = store;
         let webhooks = Arc::new(WebhookService::new(
             webhook_store,
@@ -214,13 +220,23 @@ impl AppState {
             tracing::warn!(error = %e, "programs cannot be jailed here: runs and sandboxes will fail");
         }
         let executor = Executor::new(config.exec_limits.clone(), jail.clone());
+        let templates = TemplateService::start(
+            jail.clone(),
+            config.template_limits.clone(),
+            config.sandbox_limits.clone(),
+            template_store,
+            &config.data_dir,
+        )
+        .await?;
         let sandbox_store: Arc<dyn SandboxStore> = Arc::new(sandbox_store);
         let sandboxes = SandboxManager::start(jail, config.sandbox_limits.clone(), sandbox_store)
             .await?
-            .with_events(Arc::clone(&webhooks) as _);
+            .with_events(Arc::clone(&webhooks) as _)
+            .with_templates(Arc::clone(&templates));
         Ok(AppState(Arc::new(Inner {
             executor,
             sandboxes,
+            templates,
             env_keys,
             jwt,
             auth_callback,
@@ -314,6 +330,10 @@ impl AppState {
 
     pub fn sandboxes(&self) -> &SandboxManager {
         &self.0.sandboxes
+    }
+
+    pub fn templates(&self) -> &Arc<TemplateService> {
+        &self.0.templates
     }
 
     pub fn usage(&self) -> &UsageRecorder {

@@ -6,5 +6,6 @@ pub mod keys;
 pub mod meta;
 pub mod ports;
 pub mod sandboxes;
+pub mod templates;
 pub mod usage;
 pub mod webhooks;

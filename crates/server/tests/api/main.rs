@@ -15,5 +15,6 @@ mod openapi;
 mod policy;
 mod sandboxes;
 mod sources;
+mod templates;
 mod usage;
 mod webhooks;
