@@ -164,7 +164,8 @@ impl Sandbox {
     /// Copies the sandbox's directory `dir` (e.g. `/workspace`) to `dest`, a host
     /// path that must not exist yet (its parent must). The sandbox is frozen during
     /// the copy, so nothing inside can change what is being read. On failure
-    /// nothing is left at `dest`. Everything copied belongs to `uid`:`gid`.
+    /// nothing is left at `dest`; on success it is on disk (`syncfs`). Everything
+    /// copied belongs to `uid`:`gid`.
     pub fn capture(
         &self,
         dir: &str,
@@ -237,6 +238,14 @@ impl Sandbox {
             finish(&dst, &st, uid, gid).map_err(|source| CaptureError::Write {
                 path: dir.to_owned(),
                 source,
+            })?;
+            // On disk before the caller records it as built.
+            // SAFETY: syncfs on an fd we own; no memory effects.
+            check(unsafe { libc::syncfs(dst.as_raw_fd()) }).map_err(|source| {
+                CaptureError::Write {
+                    path: dir.to_owned(),
+                    source,
+                }
             })?;
             Ok(walk.out)
         })();
