@@ -43,6 +43,12 @@ pub struct Layer {
     pub run_warm_pool: Option<usize>,
     /// Sandboxes kept built for creates.
     pub sandbox_warm_pool: Option<usize>,
+    /// What a template's built `/workspace` may hold, in MiB.
+    pub template_max_mb: Option<u64>,
+    /// One deadline for all of a template build's setup commands.
+    pub template_build_timeout_sec: Option<u64>,
+    /// Templates one tenant may have in one env.
+    pub max_templates_per_tenant: Option<usize>,
     /// Verify RS256/ES256/EdDSA JWTs with the keys at this URL. (The HS256 secret
     /// comes from `SANDGATE_JWT_SECRET` only.)
     pub jwt_jwks_url: Option<String>,
@@ -105,6 +111,10 @@ impl Layer {
             max_sandboxes_per_tenant: count("SANDGATE_MAX_SANDBOXES_PER_TENANT")?,
             run_warm_pool: count("SANDGATE_RUN_WARM_POOL")?,
             sandbox_warm_pool: count("SANDGATE_SANDBOX_WARM_POOL")?,
+            template_max_mb: count("SANDGATE_TEMPLATE_MAX_MB")?.map(|n| n as u64),
+            template_build_timeout_sec: count("SANDGATE_TEMPLATE_BUILD_TIMEOUT_SEC")?
+                .map(|n| n as u64),
+            max_templates_per_tenant: count("SANDGATE_MAX_TEMPLATES_PER_TENANT")?,
             webhook_allow_private: var("SANDGATE_WEBHOOK_ALLOW_PRIVATE")
                 .map(|v| flag(&v).context("SANDGATE_WEBHOOK_ALLOW_PRIVATE must be 1 or 0"))
                 .transpose()?,
@@ -148,6 +158,13 @@ impl Layer {
                 .or(below.max_sandboxes_per_tenant),
             run_warm_pool: self.run_warm_pool.or(below.run_warm_pool),
             sandbox_warm_pool: self.sandbox_warm_pool.or(below.sandbox_warm_pool),
+            template_max_mb: self.template_max_mb.or(below.template_max_mb),
+            template_build_timeout_sec: self
+                .template_build_timeout_sec
+                .or(below.template_build_timeout_sec),
+            max_templates_per_tenant: self
+                .max_templates_per_tenant
+                .or(below.max_templates_per_tenant),
             jwt_jwks_url: self.jwt_jwks_url.or(below.jwt_jwks_url),
             jwt_issuer: self.jwt_issuer.or(below.jwt_issuer),
             jwt_audience: self.jwt_audience.or(below.jwt_audience),
@@ -216,6 +233,21 @@ fn resolve_with_jwt_secret(
     }
     if let Some(n) = merged.sandbox_warm_pool {
         server.sandbox_limits.warm_pool = n;
+    }
+    if let Some(mb) = merged.template_max_mb {
+        if mb == 0 {
+            bail!("template_max_mb must be at least 1");
+        }
+        server.template_limits.max_layer_bytes = mb << 20;
+    }
+    if let Some(secs) = merged.template_build_timeout_sec {
+        if secs == 0 {
+            bail!("template_build_timeout_sec must be at least 1");
+        }
+        server.template_limits.build_timeout = Duration::from_secs(secs);
+    }
+    if let Some(n) = merged.max_templates_per_tenant {
+        server.template_limits.max_per_tenant = n;
     }
     // Secrets come from the environment only, never from a file or a flag.
     server.env_admin_key = std::env::var("SANDGATE_ADMIN_API_KEY")
@@ -366,6 +398,21 @@ mod tests {
         assert_eq!(s.server.exec_limits.warm_pool, 0);
         assert_eq!(s.server.sandbox_limits.warm_pool, 7);
         let zero: Layer = toml::from_str("max_concurrent_runs = 0").unwrap();
+        assert!(resolve(Layer::default(), Some(zero), Layer::default()).is_err());
+    }
+
+    #[test]
+    fn template_bounds_come_from_the_file() {
+        let file: Layer = toml::from_str(
+            "template_max_mb = 64\ntemplate_build_timeout_sec = 30\nmax_templates_per_tenant = 3",
+        )
+        .unwrap();
+        let s = resolve(Layer::default(), Some(file), Layer::default()).unwrap();
+        let t = &s.server.template_limits;
+        assert_eq!(t.max_layer_bytes, 64 << 20);
+        assert_eq!(t.build_timeout, Duration::from_secs(30));
+        assert_eq!(t.max_per_tenant, 3);
+        let zero: Layer = toml::from_str("template_build_timeout_sec = 0").unwrap();
         assert!(resolve(Layer::default(), Some(zero), Layer::default()).is_err());
     }
 

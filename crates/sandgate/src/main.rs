@@ -14,6 +14,7 @@ mod remote;
 mod run_cmd;
 mod sandbox_cmd;
 mod serve;
+mod template_cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +39,8 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Create, use and kill sandboxes on a server.
     Sandbox(sandbox_cmd::SandboxArgs),
+    /// Create, build and delete templates on a server.
+    Template(template_cmd::TemplateArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Command::Auth(args) => auth_cmd::run(args),
         Command::Run(args) => run_cmd::run(args),
         Command::Sandbox(args) => sandbox_cmd::run(args),
+        Command::Template(args) => template_cmd::run(args),
     };
     match result {
         Ok(code) => code,

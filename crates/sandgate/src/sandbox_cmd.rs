@@ -24,6 +24,9 @@ pub struct SandboxArgs {
 enum SandboxCommand {
     /// Start a sandbox.
     Create {
+        /// Start from this template (default: `default`).
+        #[arg(long)]
+        template: Option<String>,
         /// Kill it after this long (e.g. 300s, 1h).
         #[arg(long)]
         timeout: Option<String>,
@@ -125,6 +128,7 @@ pub fn run(args: SandboxArgs) -> Result<ExitCode> {
     let path = |id: &str, rest: &str| format!("/v1/sandboxes/{id}{rest}");
     let value = match &args.command {
         SandboxCommand::Create {
+            template,
             timeout,
             metadata,
             env,
@@ -132,6 +136,9 @@ pub fn run(args: SandboxArgs) -> Result<ExitCode> {
             cpus,
         } => {
             let mut body = Map::new();
+            if let Some(t) = template {
+                body.insert("template".into(), json!(t));
+            }
             if let Some(t) = timeout {
                 body.insert("timeoutSec".into(), json!(seconds(t)?));
             }

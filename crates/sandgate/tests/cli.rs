@@ -728,6 +728,129 @@ fn sandboxes_die_with_a_crashed_server() {
     assert_eq!(err.code(), Some("NOT_FOUND"));
 }
 
+/// Templates survive `kill -9`: a built one is ready again (its layer found on
+/// disk) and starts sandboxes; one that was building is marked failed. Driven
+/// through `sandgate template` and `sandgate sandbox create --template`.
+#[test]
+fn templates_survive_kill_9_and_an_interrupted_build_fails() {
+    if let Err(e) = sandgate_jail::Jail::new(sandgate_jail::Config::default()) {
+        eprintln!("skipped: programs cannot be jailed here: {e}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let key = server.admin_key();
+    let config = tmp.path().join("config");
+    let source = tmp.path().join("greet.py");
+    std::fs::write(&source, "print('hello from the template')\n").unwrap();
+    let env = [
+        ("SANDGATE_URL", server.url.as_str()),
+        ("SANDGATE_API_KEY", key.as_str()),
+    ];
+    let built = json_of(&sandgate(
+        &[
+            "template",
+            "create",
+            "kept",
+            "--file",
+            &format!("/workspace/greet.py={}", source.display()),
+            "--setup",
+            "python3 greet.py > out.txt",
+            "--memory-mb",
+            "200",
+            "--wait",
+            "--json",
+        ],
+        &env,
+        &config,
+    ));
+    assert_eq!(built["status"], "ready", "{built}");
+    let building = json_of(&sandgate(
+        &[
+            "template",
+            "create",
+            "cut",
+            "--setup",
+            "sleep 120",
+            "--json",
+        ],
+        &env,
+        &config,
+    ));
+    assert_eq!(building["status"], "building");
+    server.kill9();
+
+    let server = Server::start(&data);
+    let env = [
+        ("SANDGATE_URL", server.url.as_str()),
+        ("SANDGATE_API_KEY", key.as_str()),
+    ];
+    let list = sandgate(&["template", "list"], &env, &config);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("default") && text.contains("kept"), "{text}");
+    let cut = json_of(&sandgate(
+        &["template", "get", "cut", "--json"],
+        &env,
+        &config,
+    ));
+    assert_eq!(cut["status"], "failed", "{cut}");
+    assert!(
+        cut["build"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("server stopped"),
+        "{cut}"
+    );
+    let kept = json_of(&sandgate(
+        &["template", "get", "kept", "--json"],
+        &env,
+        &config,
+    ));
+    assert_eq!(kept["status"], "ready");
+    assert_eq!(kept["build"]["id"], built["build"]["id"]);
+    let sbx = json_of(&sandgate(
+        &["sandbox", "create", "--template", "kept", "--json"],
+        &env,
+        &config,
+    ));
+    assert_eq!(
+        (&sbx["template"], &sbx["memoryMb"]),
+        (&json!("kept"), &json!(200))
+    );
+    let out = sandgate(
+        &[
+            "sandbox",
+            "exec",
+            sbx["id"].as_str().unwrap(),
+            "cat out.txt",
+        ],
+        &env,
+        &config,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the template\n"
+    );
+    // Only the kept build's layer is on disk.
+    let layers = std::fs::read_dir(data.join("templates/layers"))
+        .unwrap()
+        .count();
+    assert_eq!(layers, 1);
+    let out = sandgate(&["template", "rebuild", "kept", "--wait"], &env, &config);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("$ python3 greet.py > out.txt"));
+    let out = sandgate(&["template", "delete", "cut"], &env, &config);
+    assert!(out.status.success());
+    let out = sandgate(&["template", "get", "cut"], &env, &config);
+    assert!(!out.status.success());
+}
+
 #[test]
 fn sandbox_commands_drive_a_sandbox() {
     if let Err(e) = sandgate_jail::Jail::new(sandgate_jail::Config::default()) {
