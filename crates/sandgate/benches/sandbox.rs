@@ -2,6 +2,8 @@
 //!
 //! Starts a real server in this process and measures, through the HTTP API:
 //! - `POST /v1/sandboxes` latency, one at a time, and 50 at once (p50/p99);
+//! - the same from a template (a fresh jail on the template's layer), one at a
+//!   time and 20 at once;
 //! - exec round trip (`echo hi`) in a running sandbox, p50/p99;
 //! - the server's memory (RSS of this process, the jails' inits included as their
 //!   own processes below) with N idle sandboxes, per sandbox;
@@ -69,6 +71,56 @@ fn main() -> ExitCode {
         kill(&client, &id);
     }
     report("create, one at a time", &mut seq);
+
+    // From a template: a fresh jail whose /workspace is an overlay on its layer.
+    client
+        .call(
+            Method::POST,
+            "/v1/templates",
+            Some(&json!({"id": "bench", "setup": [
+                "python3 -m venv --without-pip venv",
+                "for i in $(seq 500); do echo \"x = $i\" > m$i.py; done",
+            ]})),
+        )
+        .expect("create a template");
+    let built = loop {
+        let t = client.call(Method::GET, "/v1/templates/bench", None).unwrap();
+        if t["status"] != "building" {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(built["status"], "ready", "{built}");
+    let from_template = |c: &Client| -> (Duration, String) {
+        let t = Instant::now();
+        let v = c
+            .call(
+                Method::POST,
+                "/v1/sandboxes",
+                Some(&json!({"memoryMb": 64, "template": "bench"})),
+            )
+            .expect("create from a template");
+        (t.elapsed(), v["id"].as_str().unwrap().to_owned())
+    };
+    let mut seq = Vec::new();
+    for _ in 0..40 {
+        let (d, id) = from_template(&client);
+        seq.push(d);
+        kill(&client, &id);
+    }
+    report("create from a template", &mut seq);
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            let c = client.clone();
+            std::thread::spawn(move || from_template(&c))
+        })
+        .collect();
+    let results: Vec<(Duration, String)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut par: Vec<Duration> = results.iter().map(|(d, _)| *d).collect();
+    report("from a template, 20 at once", &mut par);
+    for (_, id) in &results {
+        kill(&client, id);
+    }
 
     // 50 at once.
     let handles: Vec<_> = (0..50)
