@@ -201,6 +201,12 @@ impl Group {
         fs::write(self.dir("freezer").join("freezer.state"), state)
     }
 
+    /// Whether every process of the group is frozen (not merely freezing).
+    pub(crate) fn is_frozen(&self) -> bool {
+        fs::read_to_string(self.dir("freezer").join("freezer.state"))
+            .is_ok_and(|s| s.trim() == "FROZEN")
+    }
+
     /// Kills every process still in the groups.
     pub(crate) fn kill_all(&self) {
         for (_, dir) in &self.dirs {

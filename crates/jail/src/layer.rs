@@ -91,6 +91,8 @@ impl std::error::Error for CaptureError {
 
 /// Deepest directory nesting a capture follows.
 pub const MAX_DEPTH: usize = 128;
+/// How long the processes of a sandbox may take to freeze before a capture.
+const FREEZE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Mount options the overlay may not contain in a path (they separate options
 /// and layers).
@@ -179,6 +181,14 @@ impl Sandbox {
             source,
         };
         self.set_frozen(true).map_err(read_err)?;
+        let deadline = std::time::Instant::now() + FREEZE_TIMEOUT;
+        while !self.is_frozen() {
+            if std::time::Instant::now() > deadline {
+                let _ = self.set_frozen(false);
+                return Err(read_err(io::Error::other("the sandbox did not freeze")));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let result = self.capture_frozen(dir, dest, limits, uid, gid);
         let _ = self.set_frozen(false);
         result

@@ -517,6 +517,12 @@ impl Sandbox {
         }
     }
 
+    /// Whether every process inside is frozen (a freeze takes effect shortly
+    /// after [`Sandbox::set_frozen`]).
+    pub(crate) fn is_frozen(&self) -> bool {
+        self.group.as_ref().is_some_and(Group::is_frozen)
+    }
+
     /// Kills everything inside, now, without waiting for execs in progress (they
     /// end as their programs die). [`Sandbox::kill`] or dropping cleans up after.
     pub fn terminate(&self) {

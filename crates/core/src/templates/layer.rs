@@ -80,7 +80,9 @@ impl LayerDirs {
     /// only) and empties `tmp` (captures a previous server did not finish).
     pub(crate) fn prepare(data_dir: &Path) -> io::Result<LayerDirs> {
         use std::os::unix::fs::PermissionsExt;
-        let root = data_dir.join("templates");
+        // Absolute: the path becomes an overlay mount option (the data dir may be
+        // given relative, as the default `./sandgate-data` is).
+        let root = std::fs::canonicalize(data_dir)?.join("templates");
         let dirs = LayerDirs {
             layers: root.join("layers"),
             tmp: root.join("tmp"),
@@ -90,6 +92,11 @@ impl LayerDirs {
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
         for entry in std::fs::read_dir(&dirs.tmp)?.flatten() {
             remove(&entry.path());
+        }
+        let path = dirs.layers.as_os_str().as_encoded_bytes();
+        if path.iter().any(|b| b",:\\=\n".contains(b)) {
+            tracing::warn!(dir = %dirs.layers.display(),
+                "the data dir's path holds , : \\ = or a newline: sandboxes cannot start from templates");
         }
         Ok(dirs)
     }
@@ -176,5 +183,23 @@ mod tests {
         assert!(dirs.existing("bld_b").is_some());
         assert!(dirs.existing("bld_c").is_none());
         assert!(dirs.existing("../layers/bld_b").is_none());
+    }
+
+    #[test]
+    fn layers_have_absolute_paths_whatever_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        // The same directory, named relative to the working directory.
+        let cwd = std::env::current_dir().unwrap();
+        let up = "../".repeat(cwd.components().count());
+        let relative = Path::new(&up).join(dir.path().strip_prefix("/").unwrap());
+        assert!(relative.is_relative());
+        let dirs = LayerDirs::prepare(&relative).unwrap();
+        std::fs::create_dir(dirs.scratch("bld_x").unwrap()).unwrap();
+        let path = dirs.commit("bld_x").unwrap();
+        assert!(
+            path.is_absolute() && path.starts_with(dir.path()),
+            "{path:?}"
+        );
+        assert_eq!(dirs.existing("bld_x"), Some(path));
     }
 }

@@ -601,13 +601,19 @@ impl TemplateService {
     /// Waits for a build slot, builds on a blocking thread, and records the result
     /// if the build is still the template's current one.
     async fn run_build(self: Arc<Self>, key: Key, run: Arc<build::BuildRun>) {
+        let permit = self.builds.clone().acquire_owned().await;
+        // The template as it is now (a build waits its turn in `building`).
         let plan = {
             let entries = self.entries.lock().await;
-            let Some(e) = entries.get(&key) else { return };
-            build::Plan::of(&e.record.view, &self.limits, &self.sandbox_limits)
+            match entries.get(&key) {
+                Some(e) if !run.is_cancelled() => {
+                    build::Plan::of(&e.record.view, &self.limits, &self.sandbox_limits)
+                }
+                _ => return,
+            }
         };
         let started = std::time::Instant::now();
-        let outcome = match (&self.jail, self.builds.clone().acquire_owned().await) {
+        let outcome = match (&self.jail, permit) {
             (Err(why), _) => Err(format!("this server cannot run sandboxes: {why}")),
             (_, Err(_)) => Err("the server is stopping".to_owned()),
             (Ok(jail), Ok(permit)) => {
