@@ -84,7 +84,9 @@ fn main() -> ExitCode {
         )
         .expect("create a template");
     let built = loop {
-        let t = client.call(Method::GET, "/v1/templates/bench", None).unwrap();
+        let t = client
+            .call(Method::GET, "/v1/templates/bench", None)
+            .unwrap();
         if t["status"] != "building" {
             break t;
         }

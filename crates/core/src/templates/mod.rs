@@ -258,9 +258,12 @@ pub struct TemplateService {
     dirs: layer::LayerDirs,
     /// Held across store writes, so the store sees changes in the order made.
     entries: tokio::sync::Mutex<HashMap<Key, Entry>>,
+    /// Build slots ([`TemplateLimits::max_concurrent_builds`]).
     builds: Arc<tokio::sync::Semaphore>,
     /// When this service started (the `default` template's times).
     started_at: Timestamp,
+    /// Shutting down: a build cut short is not recorded (the next start marks it
+    /// failed).
     closed: AtomicBool,
 }
 

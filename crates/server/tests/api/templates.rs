@@ -631,6 +631,10 @@ fn a_hostile_setup_gives_no_sandbox_and_no_capture_a_host_file() {
         "mknod dev c 1 3 2> dev.err || echo 'no device' >> refused".into(),
         "mkfifo fifo && python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind(\"sock\")'"
             .into(),
+        // Still running at capture time: flips `race` between a link and a file.
+        "(while :; do ln -sf /etc/shadow race; rm -f race; echo x > race; rm -f race; done) \
+         > /dev/null 2>&1 & sleep 0.3"
+            .into(),
     ];
     create_template(&admin, json!({"id": "evil", "setup": setup}));
     let t = wait_built(&admin, "evil");
@@ -661,6 +665,11 @@ fn a_hostile_setup_gives_no_sandbox_and_no_capture_a_host_file() {
         );
     }
     assert!(!layer.join("fifo").exists() && !layer.join("sock").exists());
+    match std::fs::symlink_metadata(layer.join("race")) {
+        Ok(m) if m.file_type().is_symlink() => {}
+        Ok(_) => assert_eq!(std::fs::read(layer.join("race")).unwrap(), b"x\n"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound),
+    }
     assert!(!layer.join("hard").exists() && !layer.join("dev").exists());
 
     // Inside a sandbox from it, every link resolves in the sandbox's own root.
