@@ -748,3 +748,38 @@ fn a_build_past_the_size_cap_fails_and_leaves_nothing_on_disk() {
     let tmp = app.data_dir().join("templates/tmp");
     assert_eq!(std::fs::read_dir(tmp).unwrap().count(), 0);
 }
+
+#[test]
+fn e2b_creates_start_from_a_template_named_by_its_id() {
+    if !jail_available() {
+        return;
+    }
+    let app = TestApp::start();
+    let admin = app.admin();
+    create_template(
+        &admin,
+        json!({"id": "data", "setup": ["echo from-template > t"]}),
+    );
+    assert_eq!(wait_built(&admin, "data")["status"], "ready");
+    let e2b = |template: &str| {
+        let body = serde_json::to_vec(&json!({"templateID": template, "timeout": 60})).unwrap();
+        admin
+            .raw(
+                Method::POST,
+                "/sandboxes",
+                &[
+                    ("content-type", "application/json"),
+                    ("x-api-key", app.admin_key.as_str()),
+                ],
+                Some(&body),
+            )
+            .unwrap()
+    };
+    let r = e2b("data");
+    assert_eq!(r.status, 201, "{}", r.text());
+    let created = r.json();
+    assert_eq!(created["templateID"], "data");
+    let id = created["sandboxID"].as_str().unwrap();
+    assert_eq!(sh(&admin, id, "cat t").1, "from-template\n");
+    assert_eq!(e2b("nope").status, 400);
+}
