@@ -13,6 +13,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::Sandbox;
 
+mod tree;
+mod user;
+
+pub use tree::{Entry, Link, MAX_LIST_DEPTH, NewFile};
+pub use user::FsUser;
+
 const PROC_SUPER_MAGIC: libc::__fsword_t = 0x9fa0;
 const SYSFS_MAGIC: libc::__fsword_t = 0x6265_6572;
 const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
@@ -129,18 +135,7 @@ impl Sandbox {
         }
         // SAFETY: a fresh fd nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
-        // The sandbox's /proc shows its init, a copy of the server's memory and
-        // environment; /sys is the host's. Neither is reachable from here.
-        // SAFETY: fstatfs fills a stack struct.
-        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: as above, on an fd we own.
-        check(unsafe { libc::fstatfs(fd.as_raw_fd(), &mut fs) })?;
-        if matches!(fs.f_type, PROC_SUPER_MAGIC | SYSFS_MAGIC) {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "/proc and /sys are not reachable through the files API",
-            ));
-        }
+        refuse_proc_and_sys(&fd)?;
         Ok(fd)
     }
 
@@ -312,8 +307,24 @@ impl Sandbox {
     }
 }
 
+/// The sandbox's /proc shows its init, a copy of the server's memory and
+/// environment; /sys is the host's. Neither is reachable through the files API.
+fn refuse_proc_and_sys(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fstatfs fills a stack struct.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, on an fd we hold.
+    check(unsafe { libc::fstatfs(fd.as_raw_fd(), &mut fs) })?;
+    if matches!(fs.f_type, PROC_SUPER_MAGIC | SYSFS_MAGIC) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "/proc and /sys are not reachable through the files API",
+        ));
+    }
+    Ok(())
+}
+
 /// `unlinkat`, recursing into directories by single components (never following
-/// a symlink).
+/// a symlink, never into /proc or /sys).
 fn remove_at(dir: &OwnedFd, name: &str) -> io::Result<()> {
     let c = cstr(name)?;
     // SAFETY: unlinkat of one component under an fd we hold.
@@ -334,9 +345,9 @@ fn remove_at(dir: &OwnedFd, name: &str) -> io::Result<()> {
     })?;
     // SAFETY: a fresh fd nobody else owns.
     let sub = unsafe { OwnedFd::from_raw_fd(fd) };
-    let entries = list(sub.try_clone()?)?;
-    for entry in entries {
-        remove_at(&sub, &entry.name)?;
+    refuse_proc_and_sys(&sub)?;
+    for name in read_names(&sub)? {
+        remove_at(&sub, &name)?;
     }
     // SAFETY: as above, for the now empty directory.
     check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) })?;
@@ -345,35 +356,8 @@ fn remove_at(dir: &OwnedFd, name: &str) -> io::Result<()> {
 
 /// The entries of an open directory (not `.` and `..`), sorted by name.
 fn list(dir: OwnedFd) -> io::Result<Vec<DirEntry>> {
-    // SAFETY: reopens the directory for reading by its fd; fdopendir takes it.
-    let fd = check(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c".".as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: fdopendir takes ownership of fd; closedir below releases both.
-    let stream = unsafe { libc::fdopendir(fd) };
-    if stream.is_null() {
-        // SAFETY: fdopendir failed, so the fd is still ours to close.
-        unsafe { libc::close(fd) };
-        return Err(io::Error::last_os_error());
-    }
     let mut entries = Vec::new();
-    loop {
-        // SAFETY: readdir on a live stream; the entry is copied before the next call.
-        let ent = unsafe { libc::readdir(stream) };
-        if ent.is_null() {
-            break;
-        }
-        // SAFETY: d_name is NUL-terminated inside the live entry.
-        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
-        if name == "." || name == ".." {
-            continue;
-        }
+    for name in read_names(&dir)? {
         let mut st: libc::stat = unsafe_zeroed();
         let c = cstr(&name)?;
         // SAFETY: fstatat of one component, not following symlinks.
@@ -392,10 +376,45 @@ fn list(dir: OwnedFd) -> io::Result<Vec<DirEntry>> {
             size: if ok { st.st_size as u64 } else { 0 },
         });
     }
+    Ok(entries)
+}
+
+/// The names in an open directory (not `.` and `..`), sorted.
+fn read_names(dir: &OwnedFd) -> io::Result<Vec<String>> {
+    // SAFETY: reopens the directory for reading by its fd; fdopendir takes it.
+    let fd = check(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c".".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: fdopendir takes ownership of fd; closedir below releases both.
+    let stream = unsafe { libc::fdopendir(fd) };
+    if stream.is_null() {
+        // SAFETY: fdopendir failed, so the fd is still ours to close.
+        unsafe { libc::close(fd) };
+        return Err(io::Error::last_os_error());
+    }
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: readdir on a live stream; the entry is copied before the next call.
+        let ent = unsafe { libc::readdir(stream) };
+        if ent.is_null() {
+            break;
+        }
+        // SAFETY: d_name is NUL-terminated inside the live entry.
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        if name != "." && name != ".." {
+            names.push(name);
+        }
+    }
     // SAFETY: closes the stream opened above (and its fd).
     unsafe { libc::closedir(stream) };
-    entries.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(entries)
+    names.sort();
+    Ok(names)
 }
 
 fn unsafe_zeroed() -> libc::stat {

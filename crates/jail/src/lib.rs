@@ -38,7 +38,7 @@ mod layer;
 mod netns;
 mod sandbox;
 
-pub use files::{DirEntry, FileContent, PathInfo};
+pub use files::{DirEntry, Entry, FileContent, FsUser, Link, MAX_LIST_DEPTH, NewFile, PathInfo};
 pub use layer::{CaptureError, CaptureLimits, CaptureReport};
 pub use sandbox::{ProgramEnd, Sandbox, Spawned};
 mod seccomp;
