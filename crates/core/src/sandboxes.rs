@@ -24,6 +24,7 @@ use crate::model::{Env, Timestamp};
 use crate::principal::Principal;
 use crate::processes::ProcessTable;
 
+pub mod files;
 mod long_running;
 use crate::store::StoreError;
 use crate::webhooks::EventSink;

@@ -88,6 +88,20 @@ impl ApiError {
         )
     }
 
+    /// A 404 that says what is missing in its own words (E2B's `/files`).
+    pub fn not_found_because(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
+    }
+
+    /// The sandbox's disk is full (E2B's `/files` answers 507).
+    pub fn insufficient_storage(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "INSUFFICIENT_STORAGE",
+            message,
+        )
+    }
+
     pub fn conflict(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::CONFLICT, "CONFLICT", message)
     }
@@ -98,6 +112,11 @@ impl ApiError {
             "PAYLOAD_TOO_LARGE",
             format!("request body is over the limit of {limit} bytes"),
         )
+    }
+
+    /// A 413 that says which limit, in its own words.
+    pub fn payload_too_large_because(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", message)
     }
 
     pub fn rate_limited(retry_after_sec: u64) -> ApiError {

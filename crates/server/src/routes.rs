@@ -14,7 +14,7 @@ use axum::routing::{MethodFilter, on};
 use sandgate_core::scopes::Scope;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
-use crate::e2b::{control, process};
+use crate::e2b::{control, files, filesystem, process};
 use crate::handlers::{audit, execute, keys, meta, ports, sandboxes, templates, usage, webhooks};
 use crate::state::AppState;
 
@@ -170,7 +170,7 @@ impl RouteTable {
 
 /// The whole API.
 pub fn table() -> RouteTable {
-    e2b_routes(v1_routes())
+    envd_files_routes(e2b_routes(v1_routes()))
 }
 
 /// Operations and `/v1`.
@@ -707,6 +707,49 @@ fn e2b_routes(table: RouteTable) -> RouteTable {
                 .no_content()
                 .e2b(),
             crate::e2b::health,
+        )
+}
+
+/// envd's filesystem service and `/files` (SPEC §10): the sandbox's access
+/// token, and `sandbox:files` of its owner's key.
+fn envd_files_routes(table: RouteTable) -> RouteTable {
+    use Access::SandboxToken;
+    let files = SandboxToken(Some(Scope::SandboxFiles));
+    let rpc = |name: &'static str, op: &'static str| {
+        post(name, files, op)
+            .summary("envd (Connect RPC, JSON): the sandbox's access token in X-Access-Token")
+            .returns_text("application/json")
+            .e2b()
+    };
+    let query: &'static [(&'static str, &'static str)] = &[
+        ("path", "absolute, or relative to /home/user (`~` too)"),
+        ("username", "user or root: both are the sandbox user"),
+    ];
+    table
+        .add(rpc("/filesystem.Filesystem/Stat", "envdFilesystemStat"), filesystem::stat)
+        .add(rpc("/filesystem.Filesystem/ListDir", "envdFilesystemListDir"), filesystem::list_dir)
+        .add(rpc("/filesystem.Filesystem/MakeDir", "envdFilesystemMakeDir"), filesystem::make_dir)
+        .add(rpc("/filesystem.Filesystem/Move", "envdFilesystemMove"), filesystem::move_entry)
+        .add(rpc("/filesystem.Filesystem/Remove", "envdFilesystemRemove"), filesystem::remove)
+        .add(rpc("/filesystem.Filesystem/WatchDir", "envdFilesystemWatchDir"), filesystem::watch_dir)
+        .add(rpc("/filesystem.Filesystem/CreateWatcher", "envdFilesystemCreateWatcher"), filesystem::watcher)
+        .add(rpc("/filesystem.Filesystem/GetWatcherEvents", "envdFilesystemGetWatcherEvents"), filesystem::watcher)
+        .add(rpc("/filesystem.Filesystem/RemoveWatcher", "envdFilesystemRemoveWatcher"), filesystem::watcher)
+        .add(
+            get("/files", files, "envdDownloadFile")
+                .summary("envd: a file's bytes, streamed (gzip with Accept-Encoding: gzip)")
+                .query(query)
+                .returns_text("application/octet-stream")
+                .e2b(),
+            files::download,
+        )
+        .add(
+            post("/files", files, "envdUploadFiles")
+                .summary("envd: write files from an octet-stream body (?path=) or multipart `file` parts (path in the filename), gzip allowed; parents made")
+                .query(query)
+                .returns::<Vec<files::WrittenFile>>(200)
+                .e2b(),
+            files::upload,
         )
 }
 

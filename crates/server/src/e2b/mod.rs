@@ -28,6 +28,8 @@ use crate::error::ApiError;
 
 pub mod connect;
 pub mod control;
+pub mod files;
+pub mod filesystem;
 pub mod process;
 
 /// The header naming the sandbox of an envd or code-interpreter request.
