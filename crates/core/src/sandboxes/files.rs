@@ -388,8 +388,8 @@ impl SandboxManager {
                         FsError::NotFound(format!("source file not found: '{from}'"))
                     }
                     Some(libc::EXDEV) => FsError::Invalid(format!(
-                        "cannot move directory '{from}' to another filesystem of the sandbox \
-                         (/tmp and /workspace are separate ones)"
+                        "cannot move directory '{from}' to '{to}': they are on different \
+                         filesystems of the sandbox (/tmp and /workspace are separate ones)"
                     )),
                     _ => fs_error(e, &to),
                 })?;

@@ -217,13 +217,14 @@ pub async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Vec<WrittenFile>>, ApiError> {
-    check_username(q.username.as_deref()).map_err(|e| api_error(e, &id))?;
     let limit = state.config().max_body_bytes as u64;
+    // Read from here on, whatever the answer (see `limited`).
+    let bytes = limited(body, limit);
+    check_username(q.username.as_deref()).map_err(|e| api_error(e, &id))?;
     let declared = header_str(&headers, header::CONTENT_LENGTH).parse::<u64>();
     if declared.is_ok_and(|n| n > limit) {
         return Err(body_error(&too_large(), limit));
     }
-    let bytes = limited(body, limit);
     let bytes = match header_str(&headers, header::CONTENT_ENCODING).trim() {
         "" | "identity" => bytes.boxed(),
         e if e.eq_ignore_ascii_case("gzip") => gunzip(bytes, limit).boxed(),
@@ -398,17 +399,44 @@ where
     }
 }
 
-/// The body's bytes, failing once more than `limit` have come.
+/// How long a refused body is still read, and thrown away.
+const DRAIN_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The body's bytes, failing once more than `limit` have come. When nobody
+/// reads them any more (a refusal, or the limit), the rest of the body is
+/// read and thrown away — up to `limit` bytes more, for 30 s at most — so that
+/// a client still sending reads the answer instead of a reset connection.
 fn limited(body: Body, limit: u64) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-    let mut seen = 0u64;
-    body.into_data_stream().map(move |chunk| {
-        let chunk = chunk.map_err(io::Error::other)?;
-        seen += chunk.len() as u64;
-        if seen > limit {
-            Err(too_large())
-        } else {
-            Ok(chunk)
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
+    tokio::spawn(async move {
+        let mut body = body.into_data_stream();
+        let mut seen = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(io::Error::other);
+            seen += chunk.as_ref().map_or(0, |c| c.len() as u64);
+            let item = if seen > limit {
+                Err(too_large())
+            } else {
+                chunk
+            };
+            let last = item.is_err();
+            if tx.send(item).await.is_err() || last {
+                break;
+            }
         }
+        drop(tx);
+        let drain = async {
+            while let Some(Ok(chunk)) = body.next().await {
+                seen += chunk.len() as u64;
+                if seen > limit.saturating_mul(2) {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_FOR, drain).await;
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
     })
 }
 

@@ -98,6 +98,35 @@ fn sdk_sandbox_lifecycle() {
 }
 
 #[test]
+fn sdk_files() {
+    if !jail_available() || sdk_python().is_none() {
+        return;
+    }
+    // Room for the 20 MB round trip, and a disk small enough to fill.
+    let limit = 32 << 20;
+    let app = TestApp::start_with(|c| {
+        c.max_body_bytes = limit;
+        c.sandbox_limits.tmpfs_bytes = 64 << 20;
+    });
+    let (key, _) = app.create_key(json!({"name": "e2b", "profile": "sandbox-user"}));
+    let (no_files, _) = app.create_key(json!({
+        "name": "no-files",
+        "scopes": ["sandbox:create", "sandbox:read", "sandbox:delete", "sandbox:execute"]
+    }));
+    let data_dir = app.data_dir().display().to_string();
+    pytest(
+        &app,
+        "test_files.py",
+        &key,
+        &[
+            ("SANDGATE_MAX_BODY_BYTES", limit.to_string()),
+            ("SANDGATE_DATA_DIR", data_dir),
+            ("SANDGATE_NO_FILES_KEY", no_files),
+        ],
+    );
+}
+
+#[test]
 fn sdk_is_held_to_sandgate_security() {
     let Some((app, key)) = app() else { return };
     let (other_tenant, _) = app.create_key(json!({
