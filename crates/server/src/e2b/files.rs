@@ -18,6 +18,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use sandgate_core::sandboxes::SandboxError;
 use sandgate_core::sandboxes::files::{Download, FsError, Upload, check_username, envd_path};
@@ -221,19 +222,7 @@ pub async fn upload(
     // Read from here on, whatever the answer (see `limited`).
     let bytes = limited(body, limit);
     check_username(q.username.as_deref()).map_err(|e| api_error(e, &id))?;
-    let declared = header_str(&headers, header::CONTENT_LENGTH).parse::<u64>();
-    if declared.is_ok_and(|n| n > limit) {
-        return Err(body_error(&too_large(), limit));
-    }
-    let bytes = match header_str(&headers, header::CONTENT_ENCODING).trim() {
-        "" | "identity" => bytes.boxed(),
-        e if e.eq_ignore_ascii_case("gzip") => gunzip(bytes, limit).boxed(),
-        other => {
-            return Err(ApiError::bad_request(format!(
-                "unsupported Content-Encoding `{other}` (gzip or none)"
-            )));
-        }
-    };
+    let bytes = decoded(bytes, &headers, limit)?;
     let target = Target {
         state: &state,
         caller: &caller,
@@ -241,19 +230,27 @@ pub async fn upload(
         limit,
     };
     let content_type = header_str(&headers, header::CONTENT_TYPE);
-    let written = match multer::parse_boundary(content_type) {
-        Ok(boundary) => target.multipart(bytes, boundary, q.path).await?,
-        Err(_) => {
-            let Some(path) = q.path.filter(|p| !p.is_empty()) else {
-                return Err(ApiError::invalid(
-                    "path",
-                    "name the file to write in ?path=",
-                ));
-            };
-            vec![target.one(&path, bytes).await?]
-        }
-    };
-    Ok(Json(written))
+    Ok(Json(target.write(bytes, content_type, q.path).await?))
+}
+
+/// The body as its `Content-Encoding` says (gzip or none), refused at once
+/// when its declared length is over the limit.
+fn decoded(
+    bytes: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
+    headers: &HeaderMap,
+    limit: u64,
+) -> Result<BoxStream<'static, io::Result<Bytes>>, ApiError> {
+    let declared = header_str(headers, header::CONTENT_LENGTH).parse::<u64>();
+    if declared.is_ok_and(|n| n > limit) {
+        return Err(body_error(&too_large(), limit));
+    }
+    match header_str(headers, header::CONTENT_ENCODING).trim() {
+        "" | "identity" => Ok(bytes.boxed()),
+        e if e.eq_ignore_ascii_case("gzip") => Ok(gunzip(bytes, limit).boxed()),
+        other => Err(ApiError::bad_request(format!(
+            "unsupported Content-Encoding `{other}` (gzip or none)"
+        ))),
+    }
 }
 
 /// Where an upload goes.
@@ -265,6 +262,25 @@ struct Target<'a> {
 }
 
 impl Target<'_> {
+    /// A multipart form's files, or the raw body as `path`.
+    async fn write(
+        &self,
+        bytes: BoxStream<'static, io::Result<Bytes>>,
+        content_type: &str,
+        path: Option<String>,
+    ) -> Result<Vec<WrittenFile>, ApiError> {
+        if let Ok(boundary) = multer::parse_boundary(content_type) {
+            return self.multipart(bytes, boundary, path).await;
+        }
+        let Some(path) = path.filter(|p| !p.is_empty()) else {
+            return Err(ApiError::invalid(
+                "path",
+                "name the file to write in ?path=",
+            ));
+        };
+        Ok(vec![self.one(&path, bytes).await?])
+    }
+
     /// Writes `path` from `bytes`.
     async fn one<S, E>(&self, path: &str, bytes: S) -> Result<WrittenFile, ApiError>
     where
