@@ -1027,8 +1027,10 @@ impl SandboxManager {
         path: String,
     ) -> Result<sandgate_jail::FileContent, SandboxError> {
         check_path(&path)?;
-        self.with_sandbox(caller, id, move |s| s.read_path(&path, MAX_READ_BYTES))
-            .await
+        self.with_sandbox(caller, id, move |s| {
+            s.read_path(&path, MAX_READ_BYTES, SANDBOX_USER)
+        })
+        .await
     }
 
     /// Writes a file (parents created), owned by the sandbox user.
@@ -1040,9 +1042,10 @@ impl SandboxManager {
         data: Vec<u8>,
     ) -> Result<u64, SandboxError> {
         check_path(&path)?;
-        let (uid, gid) = (SANDBOX_UID, SANDBOX_GID);
-        self.with_sandbox(caller, id, move |s| s.write_path(&path, &data, uid, gid))
-            .await
+        self.with_sandbox(caller, id, move |s| {
+            s.write_path(&path, &data, SANDBOX_USER)
+        })
+        .await
     }
 
     pub async fn remove_file(
@@ -1052,7 +1055,7 @@ impl SandboxManager {
         path: String,
     ) -> Result<(), SandboxError> {
         check_path(&path)?;
-        self.with_sandbox(caller, id, move |s| s.remove_path(&path))
+        self.with_sandbox(caller, id, move |s| s.remove_path(&path, SANDBOX_USER))
             .await
     }
 }
@@ -1087,6 +1090,11 @@ fn sandbox_spec(l: &SandboxLimits, memory_mb: u64, cpus: f64) -> Spec {
 
 /// The sandbox user (the jail's default).
 const SANDBOX_UID: u32 = 65534;
+/// Whose rights the files routes use: the sandbox user's, never the server's.
+const SANDBOX_USER: sandgate_jail::FsUser = sandgate_jail::FsUser {
+    uid: SANDBOX_UID,
+    gid: SANDBOX_GID,
+};
 const SANDBOX_GID: u32 = 65534;
 
 fn check_path(path: &str) -> Result<(), SandboxError> {

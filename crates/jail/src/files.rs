@@ -139,9 +139,11 @@ impl Sandbox {
         Ok(fd)
     }
 
-    /// A file's bytes (at most `max` of them), or a directory's entries.
-    pub fn read_path(&self, path: &str, max: u64) -> io::Result<FileContent> {
+    /// A file's bytes (at most `max` of them), or a directory's entries, read
+    /// with `user`'s rights.
+    pub fn read_path(&self, path: &str, max: u64, user: FsUser) -> io::Result<FileContent> {
         let root = self.root_fd()?;
+        let _as = user::ActingAs::enter(user)?;
         let fd = self.open_in(&root, path, libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
         let mut st: libc::stat = unsafe_zeroed();
         // SAFETY: fstat fills a stack struct.
@@ -234,9 +236,11 @@ impl Sandbox {
         })
     }
 
-    /// Writes `data` to `path`, creating missing parent directories; everything
-    /// created belongs to the sandbox user. Returns the size written.
-    pub fn write_path(&self, path: &str, data: &[u8], uid: u32, gid: u32) -> io::Result<u64> {
+    /// Writes `data` to `path` with `user`'s rights, creating missing parent
+    /// directories; everything created belongs to `user`. Returns the size
+    /// written.
+    pub fn write_path(&self, path: &str, data: &[u8], user: FsUser) -> io::Result<u64> {
+        let FsUser { uid, gid } = user;
         let parts = components(path);
         let Some((name, parents)) = parts.split_last() else {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "no file name"));
@@ -245,6 +249,7 @@ impl Sandbox {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "no file name"));
         }
         let root = self.root_fd()?;
+        let _as = user::ActingAs::enter(user)?;
         // Each prefix is resolved from the sandbox's root (so links inside mean
         // what they mean to its programs); a missing one is made in its parent.
         let mut dir = self.open_in(&root, "/", libc::O_PATH | libc::O_DIRECTORY, 0)?;
@@ -284,8 +289,9 @@ impl Sandbox {
         Ok(data.len() as u64)
     }
 
-    /// Removes a file, a symlink (not what it points to) or a directory tree.
-    pub fn remove_path(&self, path: &str) -> io::Result<()> {
+    /// Removes a file, a symlink (not what it points to) or a directory tree,
+    /// with `user`'s rights.
+    pub fn remove_path(&self, path: &str, user: FsUser) -> io::Result<()> {
         let parts = components(path);
         let Some((name, parents)) = parts.split_last() else {
             return Err(io::Error::new(
@@ -297,6 +303,7 @@ impl Sandbox {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "no file name"));
         }
         let root = self.root_fd()?;
+        let _as = user::ActingAs::enter(user)?;
         let parent = self.open_in(
             &root,
             &parents.join("/"),

@@ -129,7 +129,17 @@ fn a_capture_keeps_files_and_links_as_links_and_skips_special_files() {
     );
     assert!(dest.join("lib/deep/m.py").exists() && !dest.join("new.txt").exists());
     // The files API sees the merged view.
-    match a.read_path("/workspace/new.txt", 100).unwrap() {
+    match a
+        .read_path(
+            "/workspace/new.txt",
+            100,
+            sandgate_jail::FsUser {
+                uid: 65534,
+                gid: 65534,
+            },
+        )
+        .unwrap()
+    {
         sandgate_jail::FileContent::File(bytes) => assert_eq!(bytes, b"new\n"),
         other => panic!("{other:?}"),
     }

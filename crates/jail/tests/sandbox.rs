@@ -2,7 +2,13 @@
 
 use std::time::Duration;
 
-use sandgate_jail::{Config, Jail, Limits, Spec, Status};
+use sandgate_jail::{Config, FsUser, Jail, Limits, Spec, Status};
+
+/// The sandbox user, whose rights the file functions use.
+const USER: FsUser = FsUser {
+    uid: 65534,
+    gid: 65534,
+};
 
 fn jail() -> Option<Jail> {
     match Jail::new(Config::default()) {
@@ -148,7 +154,7 @@ fn files_are_read_and_written_inside_the_sandbox_only() {
     let sandbox = jail.create_sandbox(&Spec::default()).unwrap();
     // Written by the server, owned by the sandbox user, parents created.
     sandbox
-        .write_path("/workspace/a/b/c.txt", b"hello", 65534, 65534)
+        .write_path("/workspace/a/b/c.txt", b"hello", USER)
         .unwrap();
     let o = jail
         .exec(&sandbox, &sh("cat /workspace/a/b/c.txt; stat -c %u /workspace/a/b/c.txt /workspace/a; echo more >> /workspace/a/b/c.txt"))
@@ -159,11 +165,14 @@ fn files_are_read_and_written_inside_the_sandbox_only() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    match sandbox.read_path("/workspace/a/b/c.txt", 1 << 20).unwrap() {
+    match sandbox
+        .read_path("/workspace/a/b/c.txt", 1 << 20, USER)
+        .unwrap()
+    {
         FileContent::File(data) => assert_eq!(data, b"hellomore\n"),
         other => panic!("{other:?}"),
     }
-    match sandbox.read_path("/workspace/a", 1 << 20).unwrap() {
+    match sandbox.read_path("/workspace/a", 1 << 20, USER).unwrap() {
         FileContent::Dir(entries) => {
             assert_eq!(entries.len(), 1);
             assert_eq!((entries[0].name.as_str(), entries[0].kind), ("b", "dir"));
@@ -186,41 +195,45 @@ fn files_are_read_and_written_inside_the_sandbox_only() {
         "/workspace/root/..{host}",
     ] {
         let path = link.replace("{host}", &host);
-        let err = sandbox.read_path(&path, 1 << 20).unwrap_err();
+        let err = sandbox.read_path(&path, 1 << 20, USER).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{path}: {err}");
     }
     assert!(
-        sandbox.read_path("/workspace/../../..", 1 << 20).is_ok(),
+        sandbox
+            .read_path("/workspace/../../..", 1 << 20, USER)
+            .is_ok(),
         "`..` stops at the root"
     );
-    let err = sandbox.read_path("/workspace/env", 1 << 20).unwrap_err();
+    let err = sandbox
+        .read_path("/workspace/env", 1 << 20, USER)
+        .unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
-    assert!(sandbox.read_path("/proc/1/environ", 1 << 20).is_err());
-    assert!(sandbox.read_path("/sys", 1 << 20).is_err());
+    assert!(sandbox.read_path("/proc/1/environ", 1 << 20, USER).is_err());
+    assert!(sandbox.read_path("/sys", 1 << 20, USER).is_err());
     // Writing through a link or into the read-only root fails; the host is untouched.
     assert!(
         sandbox
-            .write_path("/workspace/abs", b"pwned", 65534, 65534)
+            .write_path("/workspace/abs", b"pwned", USER)
             .is_err()
     );
     assert!(
         sandbox
-            .write_path("/workspace/root/usr/evil", b"x", 65534, 65534)
+            .write_path("/workspace/root/usr/evil", b"x", USER)
             .is_err()
     );
     assert!(
         sandbox
-            .write_path(&format!("/workspace/root/..{host}"), b"x", 65534, 65534)
+            .write_path(&format!("/workspace/root/..{host}"), b"x", USER)
             .is_ok()
     );
     assert_eq!(std::fs::read_to_string(&host).unwrap(), "host secret");
     std::fs::remove_file(&host).unwrap();
     // Removing a tree, and a link without its target.
-    sandbox.remove_path("/workspace/a").unwrap();
-    sandbox.remove_path("/workspace/root").unwrap();
-    assert!(sandbox.read_path("/workspace/a", 1 << 20).is_err());
+    sandbox.remove_path("/workspace/a", USER).unwrap();
+    sandbox.remove_path("/workspace/root", USER).unwrap();
+    assert!(sandbox.read_path("/workspace/a", 1 << 20, USER).is_err());
     assert!(
-        sandbox.read_path("/usr/bin/env", 1 << 30).is_ok(),
+        sandbox.read_path("/usr/bin/env", 1 << 30, USER).is_ok(),
         "the link's target stays"
     );
 }

@@ -364,7 +364,11 @@ impl Executor {
             };
             let outcome = (|| {
                 for f in &files {
-                    sandbox.write_path(&format!("/sandbox/{}", f.name), &f.contents, 0, 0)?;
+                    sandbox.write_path(
+                        &format!("/sandbox/{}", f.name),
+                        &f.contents,
+                        sandgate_jail::FsUser { uid: 0, gid: 0 },
+                    )?;
                 }
                 let mut outcome = jail.exec(&sandbox, &program)?;
                 outcome.cpu_time = sandbox.cpu_time();

@@ -185,7 +185,14 @@ fn build_in_sandbox(
     }
     for (path, contents) in &plan.files {
         sandbox
-            .write_path(path, contents.as_bytes(), SANDBOX_UID, SANDBOX_GID)
+            .write_path(
+                path,
+                contents.as_bytes(),
+                sandgate_jail::FsUser {
+                    uid: SANDBOX_UID,
+                    gid: SANDBOX_GID,
+                },
+            )
             .map_err(|e| format!("could not write {path}: {e}"))?;
     }
 

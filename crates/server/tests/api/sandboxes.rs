@@ -528,6 +528,21 @@ fn files_are_written_read_listed_and_removed_inside_the_sandbox() {
     );
     assert_error(&get(&admin, &files("relative")), 400, "INVALID_REQUEST");
 
+    // The files routes have the sandbox user's rights, not the server's: a file
+    // the user locked itself out of stays locked, root's /sandbox is read-only.
+    exec(
+        &admin,
+        &id,
+        json!({"command": "echo locked-away > /workspace/locked; chmod 000 /workspace/locked"}),
+    );
+    let r = get(&admin, &files("/workspace/locked"));
+    assert!(!r.status.is_success(), "{}", r.text());
+    assert!(!r.text().contains("locked-away"));
+    let r = admin
+        .raw(Method::PUT, &files("/sandbox/planted.py"), &[], Some(b"x"))
+        .unwrap();
+    assert!(!r.status.is_success(), "{}", r.text());
+
     // Another tenant's sandbox: 404, whatever the path.
     let (other, _) = app.create_key(json!({"name": "b", "tenant": "beta", "profile": "admin"}));
     let r = get(&app.client(&other), &files("/workspace"));
