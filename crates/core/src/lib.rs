@@ -11,6 +11,7 @@ pub mod model;
 pub mod net;
 pub mod principal;
 pub mod processes;
+pub mod quota;
 pub mod sandboxes;
 pub mod scopes;
 pub mod store;

@@ -122,6 +122,18 @@ pub struct RateLimit {
     pub window_sec: u32,
 }
 
+/// `executionsRefill`: every `intervalSec` seconds, `amount` executions are added
+/// back to what remains, never beyond the executions limit; intervals that passed
+/// unseen are all caught up, with the same cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Refill {
+    #[schemars(range(min = 1))]
+    pub amount: u64,
+    #[schemars(range(min = 1))]
+    pub interval_sec: u64,
+}
+
 /// A stored API key. Carries the hash, never the plaintext.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyRecord {
@@ -164,6 +176,23 @@ pub struct QuotaRecord {
     /// `None` = unlimited.
     pub limit: Option<u64>,
     pub remaining: Option<u64>,
+    /// Executions given back on a schedule; only with a limit.
+    pub refill: Option<Refill>,
+    /// Where the refill schedule stands: refills fall at this time plus whole
+    /// multiples of the interval. Set with the refill, moved by each refill.
+    pub refilled_at: Option<Timestamp>,
+}
+
+impl QuotaRecord {
+    /// A counter of `limit` executions, all remaining, without refill.
+    pub fn new(limit: Option<u64>) -> QuotaRecord {
+        QuotaRecord {
+            limit,
+            remaining: limit,
+            refill: None,
+            refilled_at: None,
+        }
+    }
 }
 
 /// Whether an audited attempt was let through.

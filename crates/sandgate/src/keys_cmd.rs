@@ -189,6 +189,7 @@ fn create_request(args: &CreateArgs) -> Result<CreateKeyRequest> {
         expires_in_sec: None,
         rate_limits: l.rate_limits()?,
         executions_limit: l.executions_limit,
+        executions_refill: None,
         allowed_ips: (!l.allowed_ips.is_empty()).then(|| l.allowed_ips.clone()),
         metadata: l.metadata()?,
     })
@@ -207,6 +208,7 @@ fn update_request(args: &UpdateArgs) -> Result<UpdateKeyRequest> {
         } else {
             l.executions_limit.map(Some)
         },
+        executions_refill: None,
         allowed_ips: (!l.allowed_ips.is_empty()).then(|| l.allowed_ips.clone()),
         expires_at: if args.no_expiry {
             Some(None)

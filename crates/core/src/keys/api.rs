@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::model::{Env, KeyRecord, QuotaRecord, RateLimit, Timestamp};
+use crate::model::{Env, KeyRecord, QuotaRecord, RateLimit, Refill, Timestamp};
 use crate::net::IpNet;
 use crate::scopes::{Profile, ScopeSet};
 
@@ -50,6 +50,10 @@ pub struct CreateKeyRequest {
     pub rate_limits: Option<Vec<RateLimit>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executions_limit: Option<u64>,
+    /// Every `intervalSec`, `amount` executions are added back, up to the limit
+    /// (which it needs). The first refill falls `intervalSec` after creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executions_refill: Option<Refill>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_ips: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,6 +86,15 @@ pub struct UpdateKeyRequest {
     )]
     #[schemars(with = "Option<u64>")]
     pub executions_limit: Option<Option<u64>>,
+    /// A new refill (its first interval starts now; the same one again keeps its
+    /// schedule), or `null` for none. An unlimited key has none.
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(with = "Option<Refill>")]
+    pub executions_refill: Option<Option<Refill>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_ips: Option<Vec<String>>,
     #[serde(
@@ -140,7 +153,11 @@ pub struct KeyView {
     pub is_active: bool,
     pub rate_limits: Vec<RateLimit>,
     pub executions_limit: Option<u64>,
+    /// Refills included: what the next run finds.
     pub executions_remaining: Option<u64>,
+    pub executions_refill: Option<Refill>,
+    /// When the next refill falls (`null` without a refill).
+    pub next_refill_at: Option<Timestamp>,
     pub allowed_ips: Vec<String>,
     pub metadata: BTreeMap<String, String>,
     /// The key this one replaced by rotation.
@@ -154,6 +171,7 @@ impl KeyView {
         pending_requests: u64,
         now: Timestamp,
     ) -> Self {
+        let quota = crate::quota::refilled(quota, now);
         KeyView {
             id: record.id.clone(),
             name: record.name.clone(),
@@ -171,6 +189,8 @@ impl KeyView {
             rate_limits: record.rate_limits.clone(),
             executions_limit: quota.limit,
             executions_remaining: quota.remaining,
+            executions_refill: quota.refill,
+            next_refill_at: crate::quota::next_refill_at(&quota),
             allowed_ips: record.allowed_ips.clone(),
             metadata: record.metadata.clone(),
             rotated_from: record.rotated_from.clone(),
@@ -203,6 +223,8 @@ pub struct WhoAmI {
     pub allowed_ips: Vec<String>,
     pub executions_limit: Option<u64>,
     pub executions_remaining: Option<u64>,
+    pub executions_refill: Option<Refill>,
+    pub next_refill_at: Option<Timestamp>,
 }
 
 // ---- validation shared by create and update ----
@@ -216,6 +238,8 @@ const MAX_RATE_LIMITS: usize = 8;
 const MAX_ALLOWED_IPS: usize = 256;
 /// Longest rate-limit window: 31 days.
 const MAX_WINDOW_SEC: u32 = 31 * 86_400;
+/// Longest refill interval: 10 years.
+const MAX_REFILL_INTERVAL_SEC: u64 = 10 * 365 * 86_400;
 
 pub(crate) fn validate_name(name: &str) -> Result<String, InvalidField> {
     let name = name.trim();
@@ -315,6 +339,29 @@ pub(crate) fn validate_rate_limits(limits: Vec<RateLimit>) -> Result<Vec<RateLim
         }
     }
     Ok(limits)
+}
+
+/// A refill needs a limit to refill up to (`limit` is what the key will have).
+pub(crate) fn validate_refill(refill: Refill, limit: Option<u64>) -> Result<Refill, InvalidField> {
+    if limit.is_none() {
+        return Err(invalid(
+            "executionsRefill",
+            "executionsRefill needs an executionsLimit to refill up to",
+        ));
+    }
+    if refill.amount == 0 || refill.amount > i64::MAX as u64 {
+        return Err(invalid(
+            "executionsRefill",
+            "executionsRefill.amount must be at least 1",
+        ));
+    }
+    if refill.interval_sec == 0 || refill.interval_sec > MAX_REFILL_INTERVAL_SEC {
+        return Err(invalid(
+            "executionsRefill",
+            format!("executionsRefill.intervalSec must be between 1 and {MAX_REFILL_INTERVAL_SEC}"),
+        ));
+    }
+    Ok(refill)
 }
 
 pub(crate) fn validate_allowed_ips(ips: Vec<String>) -> Result<Vec<String>, InvalidField> {

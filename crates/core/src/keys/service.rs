@@ -424,16 +424,28 @@ impl KeyService {
             return Ok(None);
         }
         let taken = self.store.consume_execution(quota_id).await;
-        let remaining = match &taken {
-            Ok(left) => *left,
-            Err(QuotaExhausted::Exhausted) => Some(0),
-            Err(QuotaExhausted::Store(_)) => return taken,
-        };
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(q) = cache.quotas.get_mut(quota_id) {
-            q.remaining = remaining;
+        match taken {
+            Ok(q) => {
+                // The whole counter (a refill moved its schedule too), unless a
+                // run that finished after this one already put a later state.
+                let later = cache
+                    .quotas
+                    .get(quota_id)
+                    .is_none_or(|cached| crate::quota::is_later_use(&q, cached));
+                if later {
+                    cache.quotas.insert(quota_id.to_owned(), q);
+                }
+                Ok(q.remaining)
+            }
+            Err(QuotaExhausted::Exhausted) => {
+                if let Some(q) = cache.quotas.get_mut(quota_id) {
+                    q.remaining = Some(0);
+                }
+                Err(QuotaExhausted::Exhausted)
+            }
+            Err(e) => Err(e),
         }
-        taken
     }
 
     // ---- reads ----
@@ -456,17 +468,19 @@ impl KeyService {
             allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
             executions_limit: quota.limit,
             executions_remaining: quota.remaining,
+            executions_refill: quota.refill,
+            next_refill_at: crate::quota::next_refill_at(&quota),
         }
     }
 
+    /// The cached counter, with the refills due by now.
     fn quota(&self, quota_id: &str) -> QuotaRecord {
         self.cache
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .quotas
             .get(quota_id)
-            .copied()
-            .unwrap_or(UNLIMITED)
+            .map_or(UNLIMITED, |q| crate::quota::refilled(*q, Timestamp::now()))
     }
 
     fn view(&self, record: &KeyRecord) -> KeyView {
@@ -608,6 +622,10 @@ impl KeyService {
         let rate_limits = api::validate_rate_limits(req.rate_limits.unwrap_or_default())?;
         let allowed_ips = api::validate_allowed_ips(req.allowed_ips.unwrap_or_default())?;
         let metadata = api::validate_metadata(req.metadata.unwrap_or_default())?;
+        let refill = req
+            .executions_refill
+            .map(|r| api::validate_refill(r, req.executions_limit))
+            .transpose()?;
 
         let secret = format::generate_key(env);
         let quota_id = format::random_id("quota_", 20);
@@ -636,8 +654,10 @@ impl KeyService {
             expiry_recorded: false,
         };
         let quota = QuotaRecord {
-            limit: req.executions_limit,
-            remaining: req.executions_limit,
+            refill,
+            // The first refill falls one interval after creation.
+            refilled_at: refill.map(|_| now),
+            ..QuotaRecord::new(req.executions_limit)
         };
         let audit = lifecycle_row("key.created", &record, Some(actor), ctx);
         self.store
@@ -690,10 +710,21 @@ impl KeyService {
             record.expires_at = bounded_expiry(actor, expires_at, Timestamp::now(), "expiresAt")?;
             record.expiry_recorded = false;
         }
-        let audit = lifecycle_row("key.updated", &record, Some(actor), ctx);
+        let mut quota_changes = Vec::new();
         if let Some(limit) = req.executions_limit {
+            quota_changes.push(QuotaChange::SetLimit(limit));
+        }
+        if let Some(refill) = req.executions_refill {
+            let limit = req
+                .executions_limit
+                .unwrap_or(self.store.get_quota(&record.quota_id).await?.limit);
+            let refill = refill.map(|r| api::validate_refill(r, limit)).transpose()?;
+            quota_changes.push(QuotaChange::SetRefill(refill));
+        }
+        let audit = lifecycle_row("key.updated", &record, Some(actor), ctx);
+        if !quota_changes.is_empty() {
             self.store
-                .change_quota(&record.quota_id, QuotaChange::SetLimit(limit), &[])
+                .change_quota(&record.quota_id, &quota_changes, &[])
                 .await?;
         }
         self.store
@@ -788,7 +819,7 @@ impl KeyService {
         let mut audit = lifecycle_row("key.updated", &record, Some(actor), ctx);
         audit.reason = Some("executions reset".into());
         self.store
-            .change_quota(&record.quota_id, QuotaChange::Reset(remaining), &[audit])
+            .change_quota(&record.quota_id, &[QuotaChange::Reset(remaining)], &[audit])
             .await?;
         self.publish().await?;
         self.announce("key.updated", &record, None).await;
@@ -799,6 +830,8 @@ impl KeyService {
 const UNLIMITED: QuotaRecord = QuotaRecord {
     limit: None,
     remaining: None,
+    refill: None,
+    refilled_at: None,
 };
 
 fn actor_id(actor: &Principal) -> Option<String> {

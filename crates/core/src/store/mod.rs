@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use crate::model::{
     AuditQuery, AuditRecord, DeliveryAttempt, DueDelivery, Env, EventRecord, KeyRecord,
-    QuotaRecord, Timestamp, WebhookRecord,
+    QuotaRecord, Refill, Timestamp, WebhookRecord,
 };
 use crate::usage::{UsageQuery, UsageRow};
 
@@ -54,13 +54,17 @@ pub struct Changes {
     pub rev: i64,
 }
 
-/// How a quota's counter changes, applied atomically against concurrent use.
+/// How a quota's counter changes, applied atomically against concurrent use, after
+/// the refills due (see [`crate::quota::apply_change`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuotaChange {
-    /// A new limit (`None` = unlimited); `remaining` moves by the difference, never below 0.
+    /// A new limit (`None` = unlimited, which drops the refill); `remaining` moves
+    /// by the difference, never below 0.
     SetLimit(Option<u64>),
     /// Set `remaining` outright (`None` = back to the limit).
     Reset(Option<u64>),
+    /// A new refill (its first interval starts now), or none.
+    SetRefill(Option<Refill>),
 }
 
 #[async_trait]
@@ -87,17 +91,19 @@ pub trait KeyStore: Send + Sync + 'static {
 
     async fn get_quota(&self, quota_id: &str) -> Result<QuotaRecord, StoreError>;
 
-    /// Applies `change` and appends `audit` in one transaction; returns the new state.
+    /// Applies the refills due, then `changes` in order, and appends `audit`, in one
+    /// transaction; returns the new state.
     async fn change_quota(
         &self,
         quota_id: &str,
-        change: QuotaChange,
+        changes: &[QuotaChange],
         audit: &[AuditRecord],
     ) -> Result<QuotaRecord, StoreError>;
 
-    /// Takes one execution from a quota, atomically: `Ok(None)` when the quota is
-    /// unlimited, `Ok(Some(remaining))` after taking one, `Err(Exhausted)` when none is left.
-    async fn consume_execution(&self, quota_id: &str) -> Result<Option<u64>, QuotaExhausted>;
+    /// Applies the refills due and takes one execution, atomically; returns the
+    /// counter after (its `remaining` is `None` when the quota is unlimited).
+    /// `Err(Exhausted)` when none is left, refills included.
+    async fn consume_execution(&self, quota_id: &str) -> Result<QuotaRecord, QuotaExhausted>;
 
     /// Marks keys whose `key.expired` event is written, with that event, atomically.
     async fn record_expiries(

@@ -18,8 +18,9 @@ use super::{
 use crate::keys::format::SecretKey;
 use crate::model::{
     AuditQuery, AuditRecord, DeliveryAttempt, DueDelivery, Env, EventRecord, KeyRecord, Outcome,
-    QuotaRecord, Timestamp, WebhookRecord,
+    QuotaRecord, Refill, Timestamp, WebhookRecord,
 };
+use crate::quota;
 use crate::templates::{TemplateRecord, TemplateStore};
 use crate::usage::{UsageCounts, UsageQuery, UsageRow};
 
@@ -173,6 +174,12 @@ CREATE TABLE templates (
     view TEXT NOT NULL,
     PRIMARY KEY (tenant, env, id)
 );
+"#,
+    // Executions refills: what is added back, how often, and where the schedule stands.
+    r#"
+ALTER TABLE quotas ADD COLUMN refill_amount INTEGER;
+ALTER TABLE quotas ADD COLUMN refill_interval_sec INTEGER;
+ALTER TABLE quotas ADD COLUMN refilled_at INTEGER;
 "#,
 ];
 
@@ -415,20 +422,57 @@ fn insert_audit(tx: &Transaction<'_>, rows: &[AuditRecord]) -> Result<(), StoreE
     Ok(())
 }
 
+const QUOTA_COLUMNS: &str = "lim, remaining, refill_amount, refill_interval_sec, refilled_at";
+
+/// A quota row from its [`QUOTA_COLUMNS`], starting at column `at`.
+fn decode_quota(r: &Row<'_>, at: usize) -> rusqlite::Result<QuotaRecord> {
+    let amount = sql_to_u64(r.get(at + 2)?);
+    let interval_sec = sql_to_u64(r.get(at + 3)?);
+    Ok(QuotaRecord {
+        limit: sql_to_u64(r.get(at)?),
+        remaining: sql_to_u64(r.get(at + 1)?),
+        refill: amount
+            .zip(interval_sec)
+            .map(|(amount, interval_sec)| Refill {
+                amount,
+                interval_sec,
+            }),
+        refilled_at: r.get::<_, Option<i64>>(at + 4)?.map(Timestamp::from_millis),
+    })
+}
+
 fn read_quota(conn: &Connection, quota_id: &str) -> Result<QuotaRecord, StoreError> {
     conn.query_row(
-        "SELECT lim, remaining FROM quotas WHERE id = ?1",
+        &format!("SELECT {QUOTA_COLUMNS} FROM quotas WHERE id = ?1"),
         [quota_id],
-        |r| {
-            Ok(QuotaRecord {
-                limit: sql_to_u64(r.get(0)?),
-                remaining: sql_to_u64(r.get(1)?),
-            })
-        },
+        |r| decode_quota(r, 0),
     )
     .optional()
     .map_err(db)?
     .ok_or_else(|| StoreError::NoQuota(quota_id.to_owned()))
+}
+
+fn write_quota(
+    tx: &Transaction<'_>,
+    quota_id: &str,
+    q: &QuotaRecord,
+    rev: i64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE quotas SET lim = ?2, remaining = ?3, refill_amount = ?4, \
+         refill_interval_sec = ?5, refilled_at = ?6, rev = ?7 WHERE id = ?1",
+        params![
+            quota_id,
+            u64_to_sql(q.limit),
+            u64_to_sql(q.remaining),
+            u64_to_sql(q.refill.map(|r| r.amount)),
+            u64_to_sql(q.refill.map(|r| r.interval_sec)),
+            q.refilled_at.map(Timestamp::millis),
+            rev
+        ],
+    )
+    .map_err(db)?;
+    Ok(())
 }
 
 #[async_trait]
@@ -446,8 +490,19 @@ impl KeyStore for SqliteStore {
             let rev = next_rev(tx)?;
             for (id, q) in &new_quotas {
                 tx.execute(
-                    "INSERT OR IGNORE INTO quotas (id, lim, remaining, rev) VALUES (?1, ?2, ?3, ?4)",
-                    params![id, u64_to_sql(q.limit), u64_to_sql(q.remaining), rev],
+                    &format!(
+                        "INSERT OR IGNORE INTO quotas (id, {QUOTA_COLUMNS}, rev) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                    ),
+                    params![
+                        id,
+                        u64_to_sql(q.limit),
+                        u64_to_sql(q.remaining),
+                        u64_to_sql(q.refill.map(|r| r.amount)),
+                        u64_to_sql(q.refill.map(|r| r.interval_sec)),
+                        q.refilled_at.map(Timestamp::millis),
+                        rev
+                    ],
                 )
                 .map_err(db)?;
             }
@@ -536,18 +591,12 @@ impl KeyStore for SqliteStore {
             }
             let keys = query_keys(&tx, "WHERE rev > ?1", [rev])?;
             let mut stmt = tx
-                .prepare_cached("SELECT id, lim, remaining FROM quotas WHERE rev > ?1")
+                .prepare_cached(&format!(
+                    "SELECT id, {QUOTA_COLUMNS} FROM quotas WHERE rev > ?1"
+                ))
                 .map_err(db)?;
             let quotas = stmt
-                .query_map([rev], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        QuotaRecord {
-                            limit: sql_to_u64(r.get(1)?),
-                            remaining: sql_to_u64(r.get(2)?),
-                        },
-                    ))
-                })
+                .query_map([rev], |r| Ok((r.get::<_, String>(0)?, decode_quota(r, 1)?)))
                 .map_err(db)?
                 .collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(db)?;
@@ -591,48 +640,44 @@ impl KeyStore for SqliteStore {
     async fn change_quota(
         &self,
         quota_id: &str,
-        change: QuotaChange,
+        changes: &[QuotaChange],
         audit: &[AuditRecord],
     ) -> Result<QuotaRecord, StoreError> {
         let quota_id = quota_id.to_owned();
+        let changes = changes.to_vec();
         let audit = audit.to_vec();
         self.write(move |tx| {
-            let old = read_quota(tx, &quota_id)?;
-            let new = apply_quota_change(old, change);
+            // The time is read under the write lock: refills and changes apply in
+            // the order the transactions commit.
+            let now = Timestamp::now();
+            let mut q = quota::refilled(read_quota(tx, &quota_id)?, now);
+            for change in changes {
+                q = quota::apply_change(q, change, now);
+            }
             let rev = next_rev(tx)?;
-            tx.execute(
-                "UPDATE quotas SET lim = ?2, remaining = ?3, rev = ?4 WHERE id = ?1",
-                params![
-                    quota_id,
-                    u64_to_sql(new.limit),
-                    u64_to_sql(new.remaining),
-                    rev
-                ],
-            )
-            .map_err(db)?;
+            write_quota(tx, &quota_id, &q, rev)?;
             insert_audit(tx, &audit)?;
-            Ok(new)
+            Ok(q)
         })
         .await
     }
 
-    async fn consume_execution(&self, quota_id: &str) -> Result<Option<u64>, QuotaExhausted> {
+    async fn consume_execution(&self, quota_id: &str) -> Result<QuotaRecord, QuotaExhausted> {
         let quota_id = quota_id.to_owned();
         self.write(move |tx| {
-            let quota = read_quota(tx, &quota_id)?;
-            match quota.remaining {
-                None => Ok(Ok(None)),
-                Some(0) => Ok(Err(QuotaExhausted::Exhausted)),
-                Some(n) => {
-                    let rev = next_rev(tx)?;
-                    tx.execute(
-                        "UPDATE quotas SET remaining = ?2, rev = ?3 WHERE id = ?1",
-                        params![quota_id, u64_to_sql(Some(n - 1)), rev],
-                    )
-                    .map_err(db)?;
-                    Ok(Ok(Some(n - 1)))
-                }
-            }
+            let stored = read_quota(tx, &quota_id)?;
+            let q = quota::refilled(stored, Timestamp::now());
+            let taken = match q.remaining {
+                None => return Ok(Ok(q)),
+                Some(0) => return Ok(Err(QuotaExhausted::Exhausted)),
+                Some(n) => QuotaRecord {
+                    remaining: Some(n - 1),
+                    ..q
+                },
+            };
+            let rev = next_rev(tx)?;
+            write_quota(tx, &quota_id, &taken, rev)?;
+            Ok(Ok(taken))
         })
         .await?
     }
@@ -656,32 +701,6 @@ impl KeyStore for SqliteStore {
             insert_audit(tx, &audit)
         })
         .await
-    }
-}
-
-/// The quota arithmetic, shared by every backend.
-pub fn apply_quota_change(old: QuotaRecord, change: QuotaChange) -> QuotaRecord {
-    match change {
-        QuotaChange::SetLimit(None) => QuotaRecord {
-            limit: None,
-            remaining: None,
-        },
-        QuotaChange::SetLimit(Some(limit)) => {
-            let remaining = match (old.limit, old.remaining) {
-                (Some(old_limit), Some(rem)) => {
-                    (rem as i128 + limit as i128 - old_limit as i128).clamp(0, limit as i128) as u64
-                }
-                _ => limit,
-            };
-            QuotaRecord {
-                limit: Some(limit),
-                remaining: Some(remaining),
-            }
-        }
-        QuotaChange::Reset(remaining) => QuotaRecord {
-            limit: old.limit,
-            remaining: remaining.or(old.limit),
-        },
     }
 }
 
@@ -1206,10 +1225,7 @@ mod tests {
     async fn concurrent_consumption_takes_exactly_what_is_there() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
-        let quota = QuotaRecord {
-            limit: Some(50),
-            remaining: Some(50),
-        };
+        let quota = QuotaRecord::new(Some(50));
         store
             .save_keys(&[], &[("q".into(), quota)], &[])
             .await
@@ -1224,7 +1240,9 @@ mod tests {
         let mut refused = 0;
         for t in tasks {
             match t.await.unwrap() {
-                Ok(Some(_)) => taken += 1,
+                Ok(QuotaRecord {
+                    remaining: Some(_), ..
+                }) => taken += 1,
                 Err(QuotaExhausted::Exhausted) => refused += 1,
                 other => panic!("{other:?}"),
             }
@@ -1233,6 +1251,66 @@ mod tests {
         // A second handle on the same file (a restart) sees the durable count.
         let reopened = SqliteStore::open(dir.path()).unwrap();
         assert_eq!(reopened.get_quota("q").await.unwrap().remaining, Some(0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn due_refills_are_taken_once_with_concurrent_runs_and_kept_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        // Two refills of 10 are due (the schedule started 2500 s ago), none remain.
+        let anchor = Timestamp::now().plus_secs(-2500);
+        let quota = QuotaRecord {
+            limit: Some(100),
+            remaining: Some(0),
+            refill: Some(Refill {
+                amount: 10,
+                interval_sec: 1000,
+            }),
+            refilled_at: Some(anchor),
+        };
+        store
+            .save_keys(&[], &[("q".into(), quota)], &[])
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..60)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move { store.consume_execution("q").await })
+            })
+            .collect();
+        let mut left = Vec::new();
+        let mut refused = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(q) => left.push(q.remaining.unwrap()),
+                Err(QuotaExhausted::Exhausted) => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            (0..20).collect::<Vec<u64>>(),
+            "each refilled run once"
+        );
+        assert_eq!(refused, 40);
+        let reopened = SqliteStore::open(dir.path()).unwrap();
+        let q = reopened.get_quota("q").await.unwrap();
+        assert_eq!(q.remaining, Some(0));
+        assert_eq!(
+            q.refilled_at,
+            Some(anchor.plus_secs(2000)),
+            "schedule moved"
+        );
+        // A change first applies what is due (nothing more here), then itself.
+        let q = reopened
+            .change_quota("q", &[QuotaChange::Reset(Some(3))], &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            (q.remaining, q.refilled_at),
+            (Some(3), Some(anchor.plus_secs(2000)))
+        );
     }
 
     #[tokio::test]
@@ -1360,32 +1438,6 @@ mod tests {
         assert_eq!(
             store.list_webhooks("acme", Env::Live).await.unwrap().len(),
             1
-        );
-    }
-
-    #[test]
-    fn quota_limit_changes_move_remaining_by_the_difference() {
-        let q = |limit, remaining| QuotaRecord { limit, remaining };
-        let used_3_of_10 = q(Some(10), Some(7));
-        assert_eq!(
-            apply_quota_change(used_3_of_10, QuotaChange::SetLimit(Some(20))),
-            q(Some(20), Some(17))
-        );
-        assert_eq!(
-            apply_quota_change(used_3_of_10, QuotaChange::SetLimit(Some(2))),
-            q(Some(2), Some(0))
-        );
-        assert_eq!(
-            apply_quota_change(q(None, None), QuotaChange::SetLimit(Some(5))),
-            q(Some(5), Some(5))
-        );
-        assert_eq!(
-            apply_quota_change(used_3_of_10, QuotaChange::Reset(None)),
-            q(Some(10), Some(10))
-        );
-        assert_eq!(
-            apply_quota_change(used_3_of_10, QuotaChange::Reset(Some(1))),
-            q(Some(10), Some(1))
         );
     }
 }

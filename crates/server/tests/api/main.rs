@@ -13,6 +13,7 @@ mod keys;
 mod limits;
 mod openapi;
 mod policy;
+mod refill;
 mod sandboxes;
 mod sources;
 mod templates;
