@@ -13,7 +13,7 @@ use sandgate_client::Client;
 use sandgate_core::keys::api::{CreateKeyRequest, UpdateKeyRequest};
 use sandgate_core::keys::review;
 use sandgate_core::keys::{KeyError, KeyService, RequestContext};
-use sandgate_core::model::{Env, RateLimit, Timestamp};
+use sandgate_core::model::{Env, RateLimit, Refill, Timestamp};
 use sandgate_core::principal::Principal;
 use sandgate_core::store::{SqliteStore, UsageStore};
 use sandgate_core::usage::UsageQuery;
@@ -77,6 +77,10 @@ struct LimitArgs {
     /// Executions allowed in all.
     #[arg(long)]
     executions_limit: Option<u64>,
+    /// Add executions back on a schedule, up to the limit: AMOUNT/PERIOD, like
+    /// 1000/30d or 100/day.
+    #[arg(long)]
+    executions_refill: Option<String>,
     /// A CIDR the key may be used from (repeatable).
     #[arg(long = "allowed-ip", value_delimiter = ',')]
     allowed_ips: Vec<String>,
@@ -112,9 +116,12 @@ struct UpdateArgs {
     id: String,
     #[arg(long)]
     name: Option<String>,
-    /// Remove the executions limit.
-    #[arg(long, conflicts_with = "executions_limit")]
+    /// Remove the executions limit (and its refill).
+    #[arg(long, conflicts_with_all = ["executions_limit", "executions_refill"])]
     unlimited_executions: bool,
+    /// Remove the executions refill.
+    #[arg(long, conflicts_with = "executions_refill")]
+    no_executions_refill: bool,
     /// Remove the expiry.
     #[arg(long, conflicts_with_all = ["expires_in", "expires_at"])]
     no_expiry: bool,
@@ -139,6 +146,16 @@ impl LimitArgs {
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
+    }
+
+    fn executions_refill(&self) -> Result<Option<Refill>> {
+        self.executions_refill
+            .as_deref()
+            .map(|s| {
+                let v = parse::refill(s).map_err(|e| anyhow!("--executions-refill {e}"))?;
+                Ok(serde_json::from_value(v)?)
+            })
+            .transpose()
     }
 
     fn metadata(&self) -> Result<Option<BTreeMap<String, String>>> {
@@ -189,7 +206,7 @@ fn create_request(args: &CreateArgs) -> Result<CreateKeyRequest> {
         expires_in_sec: None,
         rate_limits: l.rate_limits()?,
         executions_limit: l.executions_limit,
-        executions_refill: None,
+        executions_refill: l.executions_refill()?,
         allowed_ips: (!l.allowed_ips.is_empty()).then(|| l.allowed_ips.clone()),
         metadata: l.metadata()?,
     })
@@ -208,7 +225,11 @@ fn update_request(args: &UpdateArgs) -> Result<UpdateKeyRequest> {
         } else {
             l.executions_limit.map(Some)
         },
-        executions_refill: None,
+        executions_refill: if args.no_executions_refill {
+            Some(None)
+        } else {
+            l.executions_refill()?.map(Some)
+        },
         allowed_ips: (!l.allowed_ips.is_empty()).then(|| l.allowed_ips.clone()),
         expires_at: if args.no_expiry {
             Some(None)

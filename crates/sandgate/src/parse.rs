@@ -1,5 +1,6 @@
-//! Human forms of CLI values: durations (`90d`, `12h`, `30m`, `45s`, `2w`) and rate
-//! limits (`60/min`, `1000/hour`, `10/s`, `500/30s`).
+//! Human forms of CLI values: durations (`90d`, `12h`, `30m`, `45s`, `2w`), rate
+//! limits (`60/min`, `1000/hour`, `10/s`, `500/30s`) and executions refills
+//! (`1000/30d`, `100/day`).
 
 use serde_json::{Value, json};
 
@@ -39,22 +40,36 @@ pub fn duration_ms(s: &str) -> Result<u64, String> {
 
 /// `{"limit", "windowSec"}` from `60/min` or `500/30s`.
 pub fn rate_limit(s: &str) -> Result<Value, String> {
-    let (limit, window) = s
+    let (limit, window_sec) = per_period(s, "a rate limit like 60/min")?;
+    let limit = u32::try_from(limit).map_err(|_| format!("`{s}`: the limit is too large"))?;
+    Ok(json!({ "limit": limit, "windowSec": window_sec }))
+}
+
+/// `{"amount", "intervalSec"}` from `1000/30d` or `100/day`.
+pub fn refill(s: &str) -> Result<Value, String> {
+    let (amount, interval_sec) = per_period(s, "a refill like 1000/30d or 100/day")?;
+    Ok(json!({ "amount": amount, "intervalSec": interval_sec }))
+}
+
+/// `N/period`: the number and the period in seconds (`s`, `min`, `h`, `d`, `w`,
+/// their long names, or a duration like `30d`).
+fn per_period(s: &str, what: &str) -> Result<(u64, u64), String> {
+    let (n, period) = s
         .split_once('/')
-        .ok_or_else(|| format!("`{s}` is not a rate limit like 60/min"))?;
-    let limit: u32 = limit
+        .ok_or_else(|| format!("`{s}` is not {what}"))?;
+    let n: u64 = n
         .trim()
         .parse()
-        .map_err(|_| format!("`{s}`: `{limit}` is not a number"))?;
-    let window = window.trim();
-    let window_sec = match window {
+        .map_err(|_| format!("`{s}`: `{n}` is not a number"))?;
+    let secs = match period.trim() {
         "s" | "sec" | "second" => 1,
         "min" | "minute" => 60,
         "h" | "hour" => 3_600,
         "d" | "day" => 86_400,
+        "w" | "week" => 7 * 86_400,
         other => duration_secs(other)?,
     };
-    Ok(json!({ "limit": limit, "windowSec": window_sec }))
+    Ok((n, secs))
 }
 
 #[cfg(test)]
@@ -88,5 +103,21 @@ mod tests {
         );
         assert!(rate_limit("60").is_err());
         assert!(rate_limit("x/min").is_err());
+        assert!(rate_limit("5000000000/min").is_err());
+    }
+
+    #[test]
+    fn refills() {
+        assert_eq!(
+            refill("1000/30d"),
+            Ok(json!({"amount": 1000, "intervalSec": 30 * 86_400}))
+        );
+        assert_eq!(
+            refill("100/day"),
+            Ok(json!({"amount": 100, "intervalSec": 86_400}))
+        );
+        assert_eq!(refill("5/2s"), Ok(json!({"amount": 5, "intervalSec": 2})));
+        assert!(refill("1000").is_err());
+        assert!(refill("1000/fortnight").is_err());
     }
 }

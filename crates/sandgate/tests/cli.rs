@@ -668,6 +668,118 @@ fn the_quota_survives_kill_9_during_a_burst_of_runs() {
     assert_eq!(distinct.len(), lefts.len(), "a count was handed out twice");
 }
 
+/// Refills fall on a schedule kept in the store: intervals that passed while the
+/// server was down (killed with -9) are all caught up when it is back, and a
+/// refill applied before a crash is never applied again after it. Observations
+/// are compared by their `nextRefillAt`, which moves one interval per refill.
+#[test]
+fn executions_refills_catch_up_after_kill_9_and_never_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let admin_key = server.admin_key();
+    let admin = Client::new(&server.url, Some(admin_key.clone()));
+    let created = json_of(&sandgate(
+        &[
+            "keys",
+            "create",
+            "--json",
+            "--name",
+            "refilled",
+            "--executions-limit",
+            "100",
+            "--executions-refill",
+            "3/1s",
+        ],
+        &[
+            ("SANDGATE_URL", &server.url),
+            ("SANDGATE_API_KEY", &admin_key),
+        ],
+        tmp.path(),
+    ));
+    assert_eq!(
+        created["executionsRefill"],
+        json!({"amount": 3, "intervalSec": 1})
+    );
+    let id = created["id"].as_str().unwrap().to_owned();
+    let key = created["key"].as_str().unwrap().to_owned();
+    let millis = |v: &Value| {
+        sandgate_core::model::Timestamp::parse_rfc3339(v["nextRefillAt"].as_str().unwrap())
+            .unwrap()
+            .millis()
+    };
+    let remaining = |v: &Value| v["executionsRemaining"].as_u64().unwrap();
+    // What the refills between two observations added, capped at the limit.
+    let expect = |before: &Value, after: &Value| {
+        let moved = millis(after) - millis(before);
+        assert!(moved >= 0 && moved % 1000 == 0, "{before} → {after}");
+        (remaining(before) + 3 * (moved / 1000) as u64).min(100)
+    };
+    let first = admin.reset_executions(&id, Some(0)).unwrap();
+    server.kill9();
+    // Down for at least three intervals after the first observation's next refill.
+    let wait = millis(&first) + 3_200 - sandgate_core::model::Timestamp::now().millis();
+    std::thread::sleep(Duration::from_millis(wait.max(0) as u64));
+
+    let server = Server::start(&data);
+    let admin = Client::new(&server.url, Some(admin_key.clone()));
+    let back = admin.get_key(&id).unwrap();
+    assert!(millis(&back) - millis(&first) >= 3_000, "{first} → {back}");
+    assert_eq!(
+        remaining(&back),
+        expect(&first, &back),
+        "all missed intervals"
+    );
+    // A run takes from the refilled counter (and writes the refills it applied).
+    let mut last = back;
+    if sandgate_jail::Jail::new(sandgate_jail::Config::default()).is_ok() {
+        let r = Client::new(&server.url, Some(key))
+            .execute(&json!({"language": "bash", "code": "true"}))
+            .unwrap();
+        assert!(r["executionsLeft"].as_u64().unwrap() >= remaining(&last) - 1);
+        let after_run = admin.get_key(&id).unwrap();
+        assert_eq!(remaining(&after_run), expect(&last, &after_run) - 1);
+        last = after_run;
+    }
+    server.kill9();
+    let server = Server::start(&data);
+    let again = Client::new(&server.url, Some(admin_key.clone()))
+        .get_key(&id)
+        .unwrap();
+    assert_eq!(
+        remaining(&again),
+        expect(&last, &again),
+        "not applied twice"
+    );
+    let env = [
+        ("SANDGATE_URL", server.url.as_str()),
+        ("SANDGATE_API_KEY", &admin_key),
+    ];
+    let changed = json_of(&sandgate(
+        &[
+            "keys",
+            "update",
+            &id,
+            "--json",
+            "--executions-refill",
+            "50/day",
+        ],
+        &env,
+        tmp.path(),
+    ));
+    assert_eq!(
+        changed["executionsRefill"],
+        json!({"amount": 50, "intervalSec": 86_400})
+    );
+    let removed = json_of(&sandgate(
+        &["keys", "update", &id, "--json", "--no-executions-refill"],
+        &env,
+        tmp.path(),
+    ));
+    assert_eq!(removed["executionsRefill"], Value::Null);
+    assert_eq!(removed["executionsLimit"], 100);
+}
+
 /// A server killed with -9 leaves no sandbox process behind, and the next one
 /// knows nothing of the old sandboxes (they are 404, marked killed in the store).
 #[test]
