@@ -6,9 +6,16 @@
 //! A sandbox belongs to the tenant and env of the key that created it; any other
 //! caller gets "not found", whatever its scopes. Creations and kills (by request,
 //! expiry or shutdown) are announced to the [`EventSink`] (webhooks).
+//!
+//! What a sandbox costs is billed here, to the key that created it (whoever
+//! execs in it): its lifetime when it is killed (every second begun), and the CPU time
+//! of everything ever run inside (its cgroup's counter, background processes
+//! included), at each exec's end the part not billed yet, and the rest when it
+//! is killed. Each part of the counter is billed once: nothing twice, nothing lost.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -27,6 +34,7 @@ use crate::processes::ProcessTable;
 pub mod files;
 mod long_running;
 use crate::store::StoreError;
+use crate::usage::UsageRecorder;
 use crate::webhooks::EventSink;
 use long_running::token_hash;
 pub use long_running::{PreparedProcess, StartProcess};
@@ -259,7 +267,7 @@ struct Live {
     env: Vec<(String, String)>,
     /// `None` once killed. Execs hold a read lock for their whole run.
     jail: RwLock<Option<sandgate_jail::Sandbox>>,
-    /// Who to bill sandbox-seconds to.
+    /// Who to bill sandbox-seconds and CPU time to.
     owner: Arc<Principal>,
     /// Ports opened to the outside through sandgate.
     ports: Mutex<std::collections::BTreeSet<u16>>,
@@ -277,6 +285,9 @@ struct Live {
         reason = "held so the layer outlives the sandbox's use of it"
     )]
     layer: Option<Arc<crate::templates::Layer>>,
+    /// How far the cgroup's CPU counter (ns) is billed; it starts at what
+    /// building the jail used, which is not the caller's.
+    cpu_billed_ns: AtomicU64,
 }
 
 /// Live sandboxes, their limits, and the store that remembers them.
@@ -293,6 +304,8 @@ pub struct SandboxManager {
     events: Option<Arc<dyn EventSink>>,
     /// Resolves `template` (only `default` without it).
     templates: Option<Arc<crate::templates::TemplateService>>,
+    /// Where sandbox-seconds and CPU time are billed.
+    usage: Option<Arc<UsageRecorder>>,
 }
 
 impl std::fmt::Debug for SandboxManager {
@@ -302,9 +315,6 @@ impl std::fmt::Debug for SandboxManager {
             .finish_non_exhaustive()
     }
 }
-
-/// Killed sandboxes, with the seconds each ran and the key to bill.
-pub type Reaped = Vec<(Arc<Principal>, u64)>;
 
 impl SandboxManager {
     /// Marks what a previous server left as killed.
@@ -343,7 +353,27 @@ impl SandboxManager {
             warm,
             events: None,
             templates: None,
+            usage: None,
         })
+    }
+
+    /// Bills sandbox-seconds and CPU time to `usage` from now on.
+    pub fn with_usage(mut self, usage: Arc<UsageRecorder>) -> SandboxManager {
+        self.usage = Some(usage);
+        self
+    }
+
+    /// Bills the sandbox's CPU counter up to `used`, to its creator; returns the
+    /// milliseconds billed now. Whole milliseconds of the counter are billed, so
+    /// the parts add up to the total however the counter was read.
+    fn bill_cpu(&self, live: &Live, used: Duration) -> u64 {
+        let used_ns = u64::try_from(used.as_nanos()).unwrap_or(u64::MAX);
+        let before = live.cpu_billed_ns.fetch_max(used_ns, Ordering::AcqRel);
+        let ms = (used_ns / 1_000_000).saturating_sub(before / 1_000_000);
+        if let (Some(usage), true) = (&self.usage, ms > 0) {
+            usage.cpu(&live.owner, ms);
+        }
+        ms
     }
 
     /// Announces sandbox creations and kills from now on to `sink`.
@@ -497,6 +527,7 @@ impl SandboxManager {
             access_token: access_token.clone(),
             processes: Arc::default(),
             layer: layer.clone(),
+            cpu_billed_ns: AtomicU64::new(0),
         });
         {
             let mut live = self.live();
@@ -542,6 +573,8 @@ impl SandboxManager {
                 return Err(e.into());
             }
         };
+        let built = u64::try_from(sandbox.cpu_time().as_nanos()).unwrap_or(u64::MAX);
+        placeholder.cpu_billed_ns.store(built, Ordering::Release);
         *placeholder.jail.write().unwrap_or_else(|p| p.into_inner()) = Some(sandbox);
         self.record(record.clone());
         self.announce("sandbox.created", &record).await;
@@ -602,18 +635,18 @@ impl SandboxManager {
         (views, next)
     }
 
-    pub async fn kill(&self, caller: &Principal, id: &str) -> Result<Reaped, SandboxError> {
+    pub async fn kill(&self, caller: &Principal, id: &str) -> Result<(), SandboxError> {
         self.find(caller, id)?;
-        Ok(self.kill_live(id).await)
+        self.kill_live(id).await;
+        Ok(())
     }
 
-    /// Kills a live sandbox (any owner); what to bill.
-    async fn kill_live(&self, id: &str) -> Reaped {
+    /// Kills a live sandbox (any owner) and bills what it has not yet.
+    async fn kill_live(&self, id: &str) {
         let Some(live) = self.live().remove(id) else {
-            return Vec::new();
+            return;
         };
         // Kill first (execs in progress end), then take the jail to clean up.
-        let owner = Arc::clone(&live.owner);
         let cleanup = {
             let live = Arc::clone(&live);
             tokio::task::spawn_blocking(move || {
@@ -621,12 +654,12 @@ impl SandboxManager {
                     s.terminate();
                 }
                 let taken = live.jail.write().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(s) = taken {
-                    s.kill();
-                }
+                taken.map(sandgate_jail::Sandbox::kill)
             })
         };
-        let _ = cleanup.await;
+        if let Ok(Some(cpu)) = cleanup.await {
+            self.bill_cpu(&live, cpu);
+        }
         let record = {
             let mut r = live.record.lock().unwrap_or_else(|p| p.into_inner());
             r.view.state = SandboxState::Killed;
@@ -634,12 +667,16 @@ impl SandboxManager {
         };
         self.record(record.clone());
         self.announce("sandbox.killed", &record).await;
-        let seconds = (Timestamp::now().millis() - record.view.created_at.millis()).max(0) / 1000;
-        vec![(owner, seconds as u64)]
+        // Every second begun is billed, paused ones too (the sandbox holds its
+        // memory and files while paused).
+        let lived_ms = (Timestamp::now().millis() - record.view.created_at.millis()).max(0);
+        if let Some(usage) = &self.usage {
+            usage.sandbox_seconds(&live.owner, (lived_ms as u64).div_ceil(1000));
+        }
     }
 
-    /// Kills every sandbox whose time is up.
-    pub async fn reap_expired(&self) -> Reaped {
+    /// Kills every sandbox whose time is up; how many there were.
+    pub async fn reap_expired(&self) -> usize {
         let now = Timestamp::now();
         let due: Vec<String> = self
             .live()
@@ -654,30 +691,25 @@ impl SandboxManager {
             })
             .map(|(id, _)| id.clone())
             .collect();
-        let mut reaped = Vec::new();
-        for id in due {
+        for id in &due {
             tracing::info!(sandbox = %id, "sandbox expired");
-            reaped.extend(self.kill_live(&id).await);
+            self.kill_live(id).await;
         }
-        reaped
+        due.len()
     }
 
     /// Kills every sandbox (server shutdown), the warm ones included.
-    pub async fn kill_all(&self) -> Reaped {
-        self.warm
-            .closed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+    pub async fn kill_all(&self) {
+        self.warm.closed.store(true, Ordering::Relaxed);
         let warm: Vec<_> =
             std::mem::take(&mut *self.warm.ready.lock().unwrap_or_else(|p| p.into_inner()));
         if !warm.is_empty() {
             let _ = tokio::task::spawn_blocking(move || drop(warm)).await;
         }
         let ids: Vec<String> = self.live().keys().cloned().collect();
-        let mut reaped = Vec::new();
         for id in ids {
-            reaped.extend(self.kill_live(&id).await);
+            self.kill_live(&id).await;
         }
-        reaped
     }
 
     /// `timeoutSec` from now. The clock runs while paused too.
@@ -902,8 +934,9 @@ impl SandboxManager {
     ) -> Result<ExecuteResponse, SandboxError> {
         let jail = self.jail()?;
         let PreparedExec { live, spec } = prepared;
+        let inside = Arc::clone(&live);
         let outcome = tokio::task::spawn_blocking(move || {
-            let guard = live.jail.read().unwrap_or_else(|p| p.into_inner());
+            let guard = inside.jail.read().unwrap_or_else(|p| p.into_inner());
             let mut pending: [Vec<u8>; 2] = Default::default();
             let mut text_sink = |stream: OutputStream, bytes: &[u8]| {
                 if bytes.is_empty() {
@@ -917,14 +950,18 @@ impl SandboxManager {
             match guard.as_ref() {
                 Some(sandbox) => jail
                     .exec_streaming(sandbox, &spec, &mut text_sink)
-                    .map(Some),
+                    .map(|o| Some((o, sandbox.cpu_time()))),
                 None => Ok(None),
             }
         })
         .await
         .map_err(|e| io::Error::other(e.to_string()))??;
-        let outcome = outcome.ok_or(SandboxError::NotFound)?;
-        Ok(response_of(outcome))
+        let (outcome, cpu) = outcome.ok_or(SandboxError::NotFound)?;
+        let mut response = response_of(outcome);
+        // The sandbox's CPU since the last bill: this program's, and whatever
+        // ran beside it (background processes, other execs).
+        response.cpu_ms = self.bill_cpu(&live, cpu);
+        Ok(response)
     }
 }
 

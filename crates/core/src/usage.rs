@@ -129,6 +129,17 @@ impl UsageRecorder {
         });
     }
 
+    /// One exec or code cell in a sandbox; its CPU time is billed with the
+    /// sandbox's (see [`UsageRecorder::cpu`]).
+    pub fn sandbox_execution(&self, p: &Principal) {
+        self.bump(p, |c| c.executions += 1);
+    }
+
+    /// CPU time used inside a sandbox, billed to the key that created it.
+    pub fn cpu(&self, p: &Principal, cpu_ms: u64) {
+        self.bump(p, |c| c.cpu_ms += cpu_ms);
+    }
+
     pub fn sandbox_seconds(&self, p: &Principal, seconds: u64) {
         self.bump(p, |c| c.sandbox_seconds += seconds);
     }

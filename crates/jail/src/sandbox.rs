@@ -532,21 +532,28 @@ impl Sandbox {
         self.init.kill();
     }
 
-    /// Kills everything inside and removes the sandbox's cgroups.
-    pub fn kill(mut self) {
-        self.shutdown();
+    /// Kills everything inside and removes the sandbox's cgroups. Returns the CPU
+    /// time everything ever run inside used, read once its processes are gone
+    /// (the last word of [`Sandbox::cpu_time`]).
+    pub fn kill(mut self) -> Duration {
+        self.shutdown()
     }
 
-    fn shutdown(&mut self) {
-        if let Some(group) = self.group.take() {
-            // Thaw first: frozen processes cannot die.
-            let _ = group.set_frozen(false);
-            set_nice(self.init.pid, INIT_NICE);
-            self.init.kill();
-            let _ = self.init.wait();
-            group.kill_all();
-            group.remove();
-        }
+    fn shutdown(&mut self) -> Duration {
+        let Some(group) = self.group.take() else {
+            return Duration::ZERO;
+        };
+        // Thaw first: frozen processes cannot die.
+        let _ = group.set_frozen(false);
+        set_nice(self.init.pid, INIT_NICE);
+        self.init.kill();
+        // The init of a PID namespace exits only after every other process of
+        // the namespace has: once it is reaped, nothing inside runs any more.
+        let _ = self.init.wait();
+        group.kill_all();
+        let used = group.cpu_time();
+        group.remove();
+        used
     }
 }
 

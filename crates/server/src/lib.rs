@@ -152,10 +152,8 @@ async fn serve_until_flushed(
 pub async fn flush(state: &AppState) {
     state.executor().shutdown().await;
     state.templates().shutdown().await;
-    // Sandboxes do not survive the server: kill them, and bill their time.
-    for (owner, seconds) in state.sandboxes().kill_all().await {
-        state.usage().sandbox_seconds(&owner, seconds);
-    }
+    // Sandboxes do not survive the server: kill them (which bills what they used).
+    state.sandboxes().kill_all().await;
     if let Err(e) = state.keys().flush_usage().await {
         tracing::error!(error = %e, "could not write key usage");
     }
@@ -192,9 +190,7 @@ async fn maintain(state: AppState) {
                 }
             }
             _ = reap.tick() => {
-                for (owner, seconds) in state.sandboxes().reap_expired().await {
-                    state.usage().sandbox_seconds(&owner, seconds);
-                }
+                state.sandboxes().reap_expired().await;
             }
             _ = expiry.tick() => {
                 if let Err(e) = state.keys().record_expired_keys().await {

@@ -169,7 +169,7 @@ struct Inner {
     rate_limiter: Arc<dyn RateLimiter>,
     /// Counts invalid credentials per client IP.
     auth_failures: LocalRateLimiter,
-    usage: UsageRecorder,
+    usage: Arc<UsageRecorder>,
     usage_store: Arc<dyn UsageStore>,
     env_keys: EnvKeys,
     jwt: Option<JwtVerifier>,
@@ -229,10 +229,12 @@ impl AppState {
         )
         .await?;
         let sandbox_store: Arc<dyn SandboxStore> = Arc::new(sandbox_store);
+        let usage = Arc::new(UsageRecorder::default());
         let sandboxes = SandboxManager::start(jail, config.sandbox_limits.clone(), sandbox_store)
             .await?
             .with_events(Arc::clone(&webhooks) as _)
-            .with_templates(Arc::clone(&templates));
+            .with_templates(Arc::clone(&templates))
+            .with_usage(Arc::clone(&usage));
         Ok(AppState(Arc::new(Inner {
             executor,
             sandboxes,
@@ -248,7 +250,7 @@ impl AppState {
             metrics: Metrics::default(),
             rate_limiter: Arc::new(LocalRateLimiter::default()),
             auth_failures: LocalRateLimiter::default(),
-            usage: UsageRecorder::default(),
+            usage,
             usage_store,
             webhooks,
         })))

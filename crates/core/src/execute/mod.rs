@@ -120,7 +120,9 @@ pub struct ExecuteResponse {
     /// Present when the key has an executions limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub executions_left: Option<u64>,
-    /// CPU time the run used, in milliseconds.
+    /// CPU time the run used, in milliseconds. For an exec or code cell in a
+    /// sandbox: what the sandbox used since the part billed before (this program,
+    /// and whatever ran beside it, background processes included).
     pub cpu_ms: u64,
 }
 

@@ -278,9 +278,7 @@ pub async fn kill(
     Caller(caller): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
-    for (owner, seconds) in state.sandboxes().kill(&caller, &id).await? {
-        state.usage().sandbox_seconds(&owner, seconds);
-    }
+    state.sandboxes().kill(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -279,7 +279,8 @@ pub async fn start(
             return stream_error(&RpcError::internal());
         }
     }
-    state.usage().execution(&caller, 0);
+    // Its CPU time is billed with the sandbox's, to the sandbox's creator.
+    state.usage().sandbox_execution(&caller);
     match state.sandboxes().start_prepared(prepared).await {
         Ok((pid, events)) => event_stream(pid, events, keepalive(&headers)),
         Err(e) => stream_error(&rpc_of_sandbox(e)),

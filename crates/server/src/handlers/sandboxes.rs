@@ -97,9 +97,7 @@ pub async fn kill(
     Caller(caller): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
-    for (owner, seconds) in state.sandboxes().kill(&caller, &id).await? {
-        state.usage().sandbox_seconds(&owner, seconds);
-    }
+    state.sandboxes().kill(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -193,7 +191,7 @@ async fn run_prepared(
     if !streaming {
         let mut response = state.sandboxes().exec(prepared).await?;
         response.executions_left = left;
-        state.usage().execution(&caller, response.cpu_ms);
+        state.usage().sandbox_execution(&caller);
         state.metrics().execution(response.status);
         return Ok(Json(response).into_response());
     }
@@ -216,7 +214,7 @@ async fn run_prepared(
         let last = match state.sandboxes().exec_streaming(prepared, sink).await {
             Ok(mut response) => {
                 response.executions_left = left;
-                state.usage().execution(&caller, response.cpu_ms);
+                state.usage().sandbox_execution(&caller);
                 state.metrics().execution(response.status);
                 let mut fields = serde_json::to_value(&response).unwrap_or_default();
                 if let Some(map) = fields.as_object_mut() {
