@@ -1,15 +1,22 @@
 //! Ports (SPEC §4): HTTP served inside a sandbox, reached through sandgate with
 //! the caller's key (scope `sandbox:ports`). The caller's credentials are never
 //! passed on to the program.
+//!
+//! WebSocket too: a `GET` asking to upgrade to `websocket` is forwarded with its
+//! upgrade headers, the program's `101` is relayed, and from then on the two
+//! connections are one byte pipe (no WebSocket parsing here). When either side
+//! ends (closes, fails, or dies with its sandbox), both connections are closed.
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, Caller};
@@ -100,8 +107,11 @@ async fn forward(
     id: String,
     port: u16,
     path: String,
-    req: Request,
+    mut req: Request,
 ) -> ApiResult<Response> {
+    // Taken before anything else: the caller's side of a WebSocket upgrade.
+    let caller_side = wants_websocket(&req).then(|| hyper::upgrade::on(&mut req));
+    let upstream = upstream_request(req, &path, port, caller_side.is_some())?;
     let stream = state.sandboxes().connect_port(&caller, &id, port).await?;
     stream.set_nonblocking(true).map_err(ApiError::internal)?;
     let stream = tokio::net::TcpStream::from_std(stream).map_err(ApiError::internal)?;
@@ -109,8 +119,36 @@ async fn forward(
         .await
         .map_err(ApiError::internal)?;
     tokio::spawn(async move {
-        let _ = connection.await;
+        let _ = connection.with_upgrades().await;
     });
+    let mut response = sender.send_request(upstream).await.map_err(|e| {
+        ApiError::conflict(format!(
+            "the program on port {port} did not answer with HTTP: {e}"
+        ))
+    })?;
+    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let (Some(caller_side), true) = (caller_side, switched) {
+        let program_side = hyper::upgrade::on(&mut response);
+        tokio::spawn(pipe(caller_side, program_side));
+    }
+    let (mut parts, body) = response.into_parts();
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    if !switched {
+        parts.headers.remove(header::CONNECTION);
+        parts.headers.remove("keep-alive");
+    }
+    Ok(Response::from_parts(parts, Body::new(body)).into_response())
+}
+
+/// The caller's request as the program gets it: its path inside, the host it
+/// listens on, no credentials and no hop-by-hop headers (but those of a
+/// WebSocket upgrade, when it is one).
+fn upstream_request(
+    req: Request,
+    path: &str,
+    port: u16,
+    upgrade: bool,
+) -> ApiResult<hyper::Request<Body>> {
     let (mut parts, body) = req.into_parts();
     let query = parts
         .uri
@@ -120,20 +158,55 @@ async fn forward(
     parts.uri = format!("/{path}{query}")
         .parse::<Uri>()
         .map_err(|_| ApiError::invalid("path", "not a valid request path"))?;
+    let protocol = parts.headers.get(header::UPGRADE).cloned();
     for name in DROPPED {
         parts.headers.remove(*name);
     }
+    if let (true, Some(protocol)) = (upgrade, protocol) {
+        let connection = HeaderValue::from_static("upgrade");
+        parts.headers.insert(header::CONNECTION, connection);
+        parts.headers.insert(header::UPGRADE, protocol);
+    }
     let host = HeaderValue::from_str(&format!("127.0.0.1:{port}")).map_err(ApiError::internal)?;
     parts.headers.insert(header::HOST, host);
-    let upstream = hyper::Request::from_parts(parts, body);
-    let response = sender.send_request(upstream).await.map_err(|e| {
-        ApiError::conflict(format!(
-            "the program on port {port} did not answer with HTTP: {e}"
-        ))
-    })?;
-    let (mut parts, body) = response.into_parts();
-    for name in ["connection", "keep-alive", "transfer-encoding"] {
-        parts.headers.remove(name);
+    Ok(hyper::Request::from_parts(parts, body))
+}
+
+/// A `GET` with `Connection: upgrade` and `Upgrade: websocket` (tokens,
+/// case-insensitive, in comma-separated lists).
+fn wants_websocket(req: &Request) -> bool {
+    let has = |name: HeaderName, token: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    req.method() == Method::GET
+        && has(header::CONNECTION, "upgrade")
+        && has(header::UPGRADE, "websocket")
+}
+
+/// Relays bytes both ways between the caller's upgraded connection and the
+/// program's until one side ends, then closes both.
+async fn pipe(caller: OnUpgrade, program: OnUpgrade) {
+    let (Ok(caller), Ok(program)) = (caller.await, program.await) else {
+        return;
+    };
+    let (mut caller_in, mut caller_out) = tokio::io::split(TokioIo::new(caller));
+    let (mut program_in, mut program_out) = tokio::io::split(TokioIo::new(program));
+    let up = async {
+        let _ = tokio::io::copy(&mut caller_in, &mut program_out).await;
+        let _ = program_out.shutdown().await;
+    };
+    let down = async {
+        let _ = tokio::io::copy(&mut program_in, &mut caller_out).await;
+        let _ = caller_out.shutdown().await;
+    };
+    // The first direction to end ends the other: both connections drop here.
+    tokio::select! {
+        () = up => {}
+        () = down => {}
     }
-    Ok(Response::from_parts(parts, Body::new(body)).into_response())
 }

@@ -19,3 +19,4 @@ mod sources;
 mod templates;
 mod usage;
 mod webhooks;
+mod websocket;
