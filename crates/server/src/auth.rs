@@ -55,6 +55,7 @@ pub async fn authorize(
         && let Some(retry_after) = state.auth_failures().would_refuse(&ip_subject, limit)
     {
         state.metrics().observe_auth("denied", "throttled");
+        drain(req.into_body()).await;
         return ApiError::rate_limited(retry_after).into_response();
     }
     let ctx = RequestContext {
@@ -83,7 +84,11 @@ pub async fn authorize(
     };
     let principal = match decided {
         Ok(principal) => principal,
-        Err(refusal) => return refuse(&state, &ctx, req.headers(), refusal).await,
+        Err(refusal) => {
+            let response = refuse(&state, &ctx, req.headers(), refusal).await;
+            drain(req.into_body()).await;
+            return response;
+        }
     };
     let limits = if principal.rate_limits.is_empty() {
         &state.config().default_rate_limits
@@ -102,6 +107,7 @@ pub async fn authorize(
             Some(principal),
         );
         let mut response = refuse(&state, &ctx, req.headers(), refusal).await;
+        drain(req.into_body()).await;
         rate_limit_headers(&mut response, d);
         return response;
     }
@@ -125,6 +131,19 @@ pub async fn authorize(
         rate_limit_headers(&mut response, d);
     }
     response
+}
+
+/// Reads what is left of a refused request's body, a bounded amount for a
+/// moment at most: an answer sent before its request's body was read makes
+/// the HTTP/1.1 connection close, and a client's next request on it (pooled,
+/// as SDKs do) would fail. Bodies of known small size were read already
+/// ([`crate::body`]); this covers chunked ones (streaming RPCs).
+async fn drain(body: axum::body::Body) {
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        axum::body::to_bytes(body, 1 << 20),
+    )
+    .await;
 }
 
 async fn refuse(

@@ -135,3 +135,18 @@ def test_tags_select_processes(box):
             break
         time.sleep(0.1)
     assert client.post(URL + "/process.Process/List", headers=unary, content=b"{}").json()["processes"] == []
+
+
+def test_a_refused_streaming_call_leaves_the_connection_usable(box):
+    # A chunked body (as streaming RPC clients send) refused before it was
+    # read: the client's next request on the same pooled connection works.
+    client = httpx.Client(transport=httpx.HTTPTransport(retries=0))
+    wrong = {**box, "X-Access-Token": "sat_wrong", "Content-Type": "application/connect+json"}
+
+    def body():
+        yield envelope({"process": {"cmd": "/bin/true"}})
+
+    for _ in range(3):
+        r = client.post(URL + "/process.Process/Start", headers=wrong, content=body())
+        assert r.status_code == 401
+        assert client.get(URL + "/health", headers=box).status_code == 204
