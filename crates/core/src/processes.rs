@@ -24,6 +24,8 @@ const SUBSCRIBER_BUFFER: usize = 64;
 /// Output read after the program exited, while background processes it left
 /// may keep its pipes open for ever.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(20);
+/// How long a connected client may take nothing before it is let go.
+const STALLED_CLIENT: Duration = Duration::from_secs(30);
 /// Bytes read from a pipe at a time.
 const CHUNK: usize = 32 << 10;
 
@@ -190,9 +192,26 @@ impl ProcessTable {
             control: Mutex::new(Some(spawned)),
         });
         self.procs().insert(pid, Arc::clone(&proc));
+        if let Some(after) = deadline {
+            // Its own task: a client that does not read holds the output (and
+            // so the pump) up, never the deadline.
+            let proc = Arc::downgrade(&proc);
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                if let Some(proc) = proc.upgrade()
+                    && let Some(s) = proc
+                        .control
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                {
+                    s.signal_group(libc::SIGKILL);
+                }
+            });
+        }
         let table = Arc::clone(self);
         tokio::spawn(async move {
-            let end = pump(&proc, stdout, stderr, report, deadline).await;
+            let end = pump(&proc, stdout, stderr, report).await;
             table.procs().remove(&pid);
             proc.broadcast(ProcessEvent::End(end)).await;
             proc.subscribers
@@ -282,7 +301,10 @@ impl Proc {
             .clone();
         let mut gone = Vec::new();
         for s in &subscribers {
-            if s.send(event.clone()).await.is_err() {
+            // A client that takes nothing for this long is let go (the
+            // process goes on): one stalled reader never stalls a process.
+            let sent = tokio::time::timeout(STALLED_CLIENT, s.send(event.clone())).await;
+            if !matches!(sent, Ok(Ok(()))) {
                 gone.push(s.clone());
             }
         }
@@ -296,18 +318,16 @@ impl Proc {
 }
 
 /// Reads the program's output until it ends (and a moment after, for output
-/// still in flight), killing it at its deadline; returns how it ended.
+/// still in flight); returns how it ended.
 async fn pump(
     proc: &Proc,
     mut stdout: Option<pipe::Receiver>,
     mut stderr: Option<pipe::Receiver>,
     report: pipe::Receiver,
-    deadline: Option<Duration>,
 ) -> ProcessExit {
     let mut report = Some(report);
     let mut report_bytes = Vec::new();
     let mut drain_until: Option<tokio::time::Instant> = None;
-    let deadline = deadline.map(|d| tokio::time::Instant::now() + d);
     let mut buf = vec![0u8; CHUNK];
     loop {
         if stdout.is_none() && stderr.is_none() && report.is_none() {
@@ -317,7 +337,7 @@ async fn pump(
             break;
         }
         let never = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-        let wake = drain_until.or(deadline).unwrap_or(never);
+        let wake = drain_until.unwrap_or(never);
         tokio::select! {
             r = readable(&stdout) => read_into(proc, &mut stdout, r, OutputStream::Stdout, &mut buf).await,
             r = readable(&stderr) => read_into(proc, &mut stderr, r, OutputStream::Stderr, &mut buf).await,
@@ -337,14 +357,7 @@ async fn pump(
                     drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
                 }
             }
-            _ = tokio::time::sleep_until(wake) => {
-                if drain_until.is_none() {
-                    // The deadline: kill the whole group, then wait for the end.
-                    if let Some(s) = proc.control.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                        s.signal_group(libc::SIGKILL);
-                    }
-                }
-            }
+            _ = tokio::time::sleep_until(wake) => {}
         }
     }
     proc.stdin.lock().await.take();

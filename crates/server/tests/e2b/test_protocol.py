@@ -150,3 +150,30 @@ def test_a_refused_streaming_call_leaves_the_connection_usable(box):
         r = client.post(URL + "/process.Process/Start", headers=wrong, content=body())
         assert r.status_code == 401
         assert client.get(URL + "/health", headers=box).status_code == 204
+
+
+def test_a_client_that_stops_reading_does_not_keep_a_command_past_its_deadline(box):
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(URL)
+    body = envelope({"process": {"cmd": "/usr/bin/yes", "args": ["flood"]}, "stdin": False})
+    head = (
+        f"POST /process.Process/Start HTTP/1.1\r\nHost: {u.netloc}\r\n"
+        f"E2b-Sandbox-Id: {box['E2b-Sandbox-Id']}\r\nX-Access-Token: {box['X-Access-Token']}\r\n"
+        f"Content-Type: application/connect+json\r\nConnect-Timeout-Ms: 1500\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    stalled = socket.create_connection((u.hostname, u.port))
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.sendall(head + body)  # and never read a byte of the answer
+    try:
+        time.sleep(4)
+        client = httpx.Client(timeout=30)
+        events = start(client, box, "ps -eo args | grep -c '^/usr/bin/yes' || true")
+        out = b"".join(
+            base64.b64decode(e["event"]["data"]["stdout"]) for _, e in events if "data" in e.get("event", {})
+        )
+        assert out.strip() == b"0", "the flood outlived its deadline"
+    finally:
+        stalled.close()
