@@ -32,10 +32,14 @@ use crate::principal::Principal;
 use crate::processes::ProcessTable;
 
 pub mod files;
+mod code_contexts;
 mod long_running;
 use crate::store::StoreError;
 use crate::usage::UsageRecorder;
 use crate::webhooks::EventSink;
+pub use code_contexts::{
+    CellEvent, CellRequest, ContextError, ContextInfo, ContextLanguage, ContextTarget, PreparedCell,
+};
 use long_running::token_hash;
 pub use long_running::{PreparedProcess, StartProcess};
 
@@ -288,6 +292,8 @@ struct Live {
     /// How far the cgroup's CPU counter (ns) is billed; it starts at what
     /// building the jail used, which is not the caller's.
     cpu_billed_ns: AtomicU64,
+    /// Notebook-like interpreters (E2B's code interpreter).
+    contexts: code_contexts::Contexts,
 }
 
 /// Live sandboxes, their limits, and the store that remembers them.
@@ -528,6 +534,7 @@ impl SandboxManager {
             processes: Arc::default(),
             layer: layer.clone(),
             cpu_billed_ns: AtomicU64::new(0),
+            contexts: Default::default(),
         });
         {
             let mut live = self.live();

@@ -189,7 +189,7 @@ impl SandboxManager {
 
     /// The environment of a started command: the base, the sandbox's, the
     /// request's (each overriding the one before).
-    fn process_env(
+    pub(super) fn process_env(
         &self,
         live: &Live,
         extra: &BTreeMap<String, String>,
@@ -246,7 +246,7 @@ impl SandboxManager {
     }
 }
 
-fn ensure_running(live: &Live) -> Result<(), SandboxError> {
+pub(super) fn ensure_running(live: &Live) -> Result<(), SandboxError> {
     let state = live
         .record
         .lock()
