@@ -14,7 +14,7 @@ use axum::routing::{MethodFilter, on};
 use sandgate_core::scopes::Scope;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 
-use crate::e2b::{control, files, filesystem, process};
+use crate::e2b::{control, files, filesystem, interpreter, process};
 use crate::handlers::{audit, execute, keys, meta, ports, sandboxes, templates, usage, webhooks};
 use crate::state::AppState;
 
@@ -170,7 +170,7 @@ impl RouteTable {
 
 /// The whole API.
 pub fn table() -> RouteTable {
-    envd_files_routes(e2b_routes(v1_routes()))
+    interpreter_routes(envd_files_routes(e2b_routes(v1_routes())))
 }
 
 /// Operations and `/v1`.
@@ -703,7 +703,7 @@ fn e2b_routes(table: RouteTable) -> RouteTable {
         .add(envd("/process.Process/Update", "envdProcessUpdate", Scope::SandboxExecute), process::update)
         .add(
             get("/health", SandboxToken(None), "envdHealth")
-                .summary("envd: 204 while the sandbox runs (its access token needed)")
+                .summary("envd: 204 while the sandbox runs (its access token needed); the code interpreter (E2b-Sandbox-Port: 49999): 200 \"OK\"")
                 .no_content()
                 .e2b(),
             crate::e2b::health,
@@ -750,6 +750,60 @@ fn envd_files_routes(table: RouteTable) -> RouteTable {
                 .returns::<Vec<files::WrittenFile>>(200)
                 .e2b(),
             files::upload,
+        )
+}
+
+/// E2B's code interpreter: requests with `E2b-Sandbox-Port: 49999`,
+/// authenticated like envd's; every one needs sandbox:execute.
+fn interpreter_routes(table: RouteTable) -> RouteTable {
+    let access = Access::SandboxToken(Some(Scope::SandboxExecute));
+    let route = |spec: RouteSpec, summary: &'static str| spec.summary(summary).e2b();
+    table
+        .add(
+            route(
+                post("/execute", access, "interpreterExecute"),
+                "Code interpreter: run a cell in a code context; its output streams as JSON lines",
+            )
+            .body::<interpreter::ExecuteCell>()
+            .returns_text("application/x-ndjson"),
+            interpreter::execute,
+        )
+        .add(
+            route(
+                post("/contexts", access, "interpreterCreateContext"),
+                "Code interpreter: a new code context (its own interpreter and state)",
+            )
+            .body::<interpreter::NewContext>()
+            .returns::<interpreter::CodeContext>(200),
+            interpreter::create_context,
+        )
+        .add(
+            route(
+                get("/contexts", access, "interpreterListContexts"),
+                "Code interpreter: the sandbox's code contexts, the default ones first",
+            )
+            .returns::<Vec<interpreter::CodeContext>>(200),
+            interpreter::list_contexts,
+        )
+        .add(
+            route(
+                delete("/contexts/{id}", access, "interpreterRemoveContext"),
+                "Code interpreter: remove a code context and stop its interpreter",
+            )
+            .no_content(),
+            interpreter::remove_context,
+        )
+        .add(
+            route(
+                post(
+                    "/contexts/{id}/restart",
+                    access,
+                    "interpreterRestartContext",
+                ),
+                "Code interpreter: a fresh interpreter for a code context (its state is gone)",
+            )
+            .no_content(),
+            interpreter::restart_context,
         )
 }
 

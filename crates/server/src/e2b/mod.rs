@@ -12,7 +12,8 @@
 //!   proving access with the sandbox's token in `X-Access-Token` (the
 //!   authorization layer checks it, and that the sandbox's owner still holds a
 //!   valid key with the route's scope);
-//! - the code interpreter (requests with `E2b-Sandbox-Port: 49999`).
+//! - the code interpreter ([`interpreter`]; requests with
+//!   `E2b-Sandbox-Port: 49999`, authenticated like envd's).
 //!
 //! Errors on these routes carry E2B's shape, `{"code": <status>, "message"}`,
 //! beside the SPEC's `error` object ([`e2b_error_shape`]).
@@ -30,6 +31,7 @@ pub mod connect;
 pub mod control;
 pub mod files;
 pub mod filesystem;
+pub mod interpreter;
 pub mod process;
 
 /// The header naming the sandbox of an envd or code-interpreter request.
@@ -79,9 +81,15 @@ pub fn sandbox_port(headers: &axum::http::HeaderMap) -> u16 {
         .unwrap_or(ENVD_PORT)
 }
 
-/// envd's `GET /health`: 204 (the authorization layer found the sandbox).
-pub async fn health() -> axum::http::StatusCode {
-    axum::http::StatusCode::NO_CONTENT
+/// `GET /health` (the authorization layer found the sandbox): envd's answer
+/// is 204, the code interpreter's (port 49999) 200 with `"OK"`.
+pub async fn health(headers: axum::http::HeaderMap) -> Response {
+    use axum::response::IntoResponse;
+    if sandbox_port(&headers) == INTERPRETER_PORT {
+        axum::Json("OK").into_response()
+    } else {
+        axum::http::StatusCode::NO_CONTENT.into_response()
+    }
 }
 
 /// Gives the SPEC's error bodies of E2B routes E2B's shape too: the status
