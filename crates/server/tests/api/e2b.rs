@@ -161,3 +161,26 @@ fn sdk_is_held_to_sandgate_security() {
         ],
     );
 }
+
+#[test]
+fn sdk_code_interpreter() {
+    let Some((app, key)) = app() else { return };
+    let (limited, _) = app.create_key(json!({
+        "name": "limited", "profile": "sandbox-user", "executionsLimit": 3
+    }));
+    let (no_execute, _) = app.create_key(json!({
+        "name": "no-execute",
+        "scopes": ["sandbox:create", "sandbox:read", "sandbox:delete", "sandbox:files"]
+    }));
+    let data_dir = app.data_dir().display().to_string();
+    pytest(
+        &app,
+        "test_code_interpreter.py",
+        &key,
+        &[
+            ("SANDGATE_LIMITED_KEY", limited),
+            ("SANDGATE_NO_EXECUTE_KEY", no_execute),
+            ("SANDGATE_DATA_DIR", data_dir),
+        ],
+    );
+}
