@@ -15,6 +15,7 @@ import ast
 import base64
 import codecs
 import fcntl
+import io
 import json
 import linecache
 import os
@@ -274,8 +275,7 @@ def _bundle(obj):
     return data
 
 
-def _result(obj, main):
-    data = _bundle(obj)
+def _show(data, main):
     if main:
         _drain()
     with _out_lock:
@@ -283,10 +283,65 @@ def _result(obj, main):
     _emit({"type": "result", "main": main, "data": data})
 
 
+def _result(obj, main):
+    _show(_bundle(obj), main)
+
+
 def display(*objs, **_options):
     """Shows each object as a result of the cell (not its main result)."""
     for obj in objs:
         _result(obj, False)
+
+
+# ---- matplotlib ------------------------------------------------------------
+# Figures are shown as PNG results, by plt.show() and at the end of each cell,
+# as Jupyter's inline backend does: matplotlib is pointed (unless the sandbox
+# chose otherwise) at a backend module this kernel provides on import.
+
+_BACKEND = "sandgate_inline"
+os.environ.setdefault("MPLBACKEND", "module://" + _BACKEND)
+
+
+def _show_figures(*_args, **_kwargs):
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None or plt.get_backend() != "module://" + _BACKEND:
+        return
+    for number in plt.get_fignums():
+        figure = plt.figure(number)
+        png = io.BytesIO()
+        try:
+            figure.savefig(png, format="png", bbox_inches="tight")
+        except Exception as e:
+            _write("stderr", "could not draw %r: %s\n" % (figure, e))
+            continue
+        data = {"image/png": base64.b64encode(png.getvalue()).decode("ascii"), "text/plain": repr(figure)}
+        _show(data, False)
+    plt.close("all")
+
+
+class _BackendFinder:
+    """Makes `import sandgate_inline` give matplotlib's Agg canvas and our show()."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _BACKEND:
+            return None
+        import importlib.util
+
+        return importlib.util.spec_from_loader(name, self)
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        from matplotlib.backend_bases import FigureManagerBase
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        module.FigureCanvas = FigureCanvasAgg
+        module.FigureManager = FigureManagerBase
+        module.show = _show_figures
+
+
+sys.meta_path.append(_BackendFinder())
 
 
 # ---- cells -----------------------------------------------------------------
@@ -332,6 +387,7 @@ def _run(code, filename):
         if value is not None:
             _main.__dict__["_"] = value
             _result(value, True)
+    _show_figures()
 
 
 def _error_event(e):
