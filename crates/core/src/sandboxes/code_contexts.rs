@@ -939,6 +939,15 @@ mod tests {
     }
 
     #[test]
+    fn kernels_fit_in_one_argument() {
+        // Linux refuses an argument over MAX_ARG_STRLEN (32 pages).
+        for language in [ContextLanguage::Python, ContextLanguage::Javascript] {
+            let argv = language.argv();
+            assert!(argv.iter().all(|a| a.len() < 128 << 10), "{language:?}");
+        }
+    }
+
+    #[test]
     fn context_ids_are_version_4_uuids() {
         let id = context_id();
         let groups: Vec<usize> = id.split('-').map(str::len).collect();

@@ -102,7 +102,6 @@ def test_an_exception_has_its_name_value_and_traceback(sbx):
 
 def test_callbacks_stream_output_before_the_cell_ends(sbx):
     seen = []
-    started = time.monotonic()
     r = sbx.run_code(
         "import sys, time\nprint('first')\nprint('oops', file=sys.stderr)\ntime.sleep(1.5)\nprint('second')\n42",
         on_stdout=lambda m: seen.append(("out", time.monotonic(), m.line)),
@@ -117,9 +116,7 @@ def test_callbacks_stream_output_before_the_cell_ends(sbx):
         ("result", "42"),
     ]
     # The first line arrived while the cell still slept.
-    first_at = seen[0][1]
-    assert ended - first_at > 1.0
-    assert first_at - started < ended - started - 1.0
+    assert ended - seen[0][1] > 1.0
     assert r.text == "42"
     errors = []
     sbx.run_code("1/0", on_error=errors.append)
@@ -153,6 +150,16 @@ def test_contexts_are_independent_and_can_be_restarted_and_removed(sbx):
     with pytest.raises(SandboxException) as info:
         sbx.create_code_context(cwd="/no/such/dir")
     assert "400" in str(info.value)
+
+
+def test_cells_of_a_context_run_one_at_a_time_in_turn(sbx):
+    slow = threading.Thread(target=sbx.run_code, args=("import time\ntime.sleep(1)\norder = ['slow']",))
+    slow.start()
+    time.sleep(0.3)
+    # Sent while the first runs: it waits for it, then sees what it did.
+    r = sbx.run_code("order.append('next'); order")
+    slow.join()
+    assert r.text == "['slow', 'next']"
 
 
 def test_javascript_keeps_state_too(sbx):
