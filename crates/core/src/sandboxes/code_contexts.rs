@@ -82,22 +82,43 @@ impl ContextLanguage {
         }
     }
 
-    /// The kernel's command line (its source travels in it: nothing needs to
-    /// be in the sandbox's files).
+    /// The kernel's command line: a loader that runs the first line of its
+    /// stdin (the kernel's source, a JSON string), so that nothing needs to be
+    /// in the sandbox's files and `ps` shows a short line.
     fn argv(self) -> Vec<String> {
         let argv: &[&str] = match self {
-            ContextLanguage::Python => &["/usr/bin/python3", "-c", PYTHON_KERNEL],
+            ContextLanguage::Python => &["/usr/bin/python3", "-c", PYTHON_LOADER],
             // For Node's REPL transform of top-level `await`.
             ContextLanguage::Javascript => &[
                 "/usr/bin/node",
                 "--expose-internals",
                 "-e",
-                JAVASCRIPT_KERNEL,
+                JAVASCRIPT_LOADER,
             ],
         };
         argv.iter().map(|s| (*s).to_owned()).collect()
     }
+
+    /// What the loader reads: the kernel's source as one JSON line.
+    fn source_line(self) -> Vec<u8> {
+        let source = match self {
+            ContextLanguage::Python => PYTHON_KERNEL,
+            ContextLanguage::Javascript => JAVASCRIPT_KERNEL,
+        };
+        let mut line = serde_json::to_vec(source).unwrap_or_default();
+        line.push(b'\n');
+        line
+    }
 }
+
+const PYTHON_LOADER: &str =
+    "import sys, json; exec(json.loads(sys.stdin.buffer.readline()))  # sandgate code context";
+/// Reads up to the first newline with blocking reads (Node's stdin stream is
+/// left to the kernel), in a block so that no name of its own is global, and
+/// runs it with a direct `eval`, so that the kernel has `require`.
+const JAVASCRIPT_LOADER: &str = "{ const b = []; for (const c = Buffer.alloc(65536); !Buffer.concat(b).includes(10);) { \
+     const n = require('fs').readSync(0, c); if (n === 0) process.exit(1); b.push(Buffer.from(c.subarray(0, n))); } \
+     eval(JSON.parse(Buffer.concat(b).toString('utf8').split('\\n')[0])); } // sandgate code context";
 
 /// What a context is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -582,7 +603,11 @@ impl Launcher {
             requests,
             events: LineReader::new(events, MAX_LINE),
         };
-        match tokio::time::timeout(READY_WAIT, kernel.events.next()).await {
+        let ready = async {
+            kernel.send(&language.source_line()).await.ok()?;
+            kernel.events.next().await
+        };
+        match tokio::time::timeout(READY_WAIT, ready).await {
             Ok(Some(KernelMessage::Ready {})) => Ok(kernel),
             _ if sandbox_ended(&self.live) => Err(SandboxError::NotFound),
             _ => Err(SandboxError::Conflict(format!(
@@ -939,11 +964,13 @@ mod tests {
     }
 
     #[test]
-    fn kernels_fit_in_one_argument() {
-        // Linux refuses an argument over MAX_ARG_STRLEN (32 pages).
+    fn kernels_travel_as_one_json_line() {
         for language in [ContextLanguage::Python, ContextLanguage::Javascript] {
-            let argv = language.argv();
-            assert!(argv.iter().all(|a| a.len() < 128 << 10), "{language:?}");
+            let line = language.source_line();
+            assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+            let source: String = serde_json::from_slice(&line).expect("a JSON string");
+            assert!(source.contains("sandgate"), "{language:?}");
+            assert!(language.argv().iter().all(|a| a.len() < 400));
         }
     }
 

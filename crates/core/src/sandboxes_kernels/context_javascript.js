@@ -1,5 +1,6 @@
 // sandgate's JavaScript (Node.js) kernel for one code context (E2B's code
-// interpreter). The protocol is context_python.py's: requests a line on stdin
+// interpreter), read by a one-line loader from the first line of stdin. The
+// protocol is context_python.py's: requests a line on stdin
 // ({"code", "env"}), events a line on stdout ("ready", then per cell "start",
 // "stdout"/"stderr", "result", "error", "end").
 //

@@ -1,7 +1,8 @@
 # sandgate's Python kernel for one code context (E2B's code interpreter).
 #
-# The server starts it inside the sandbox, as the sandbox user, and speaks JSON
-# lines with it: one request a line on stdin ({"code", "env"}), events on
+# The server starts it inside the sandbox, as the sandbox user (a one-line
+# loader reads this source as the first line of stdin), and speaks JSON lines
+# with it: one request a line on stdin ({"code", "env"}), events on
 # stdout: "ready" once, then per cell "start" (its execution count), "stdout" /
 # "stderr" (text, batched), "result" (a MIME bundle; "main" for the value of
 # the last expression, not for display()), "error" (name, value, traceback)
