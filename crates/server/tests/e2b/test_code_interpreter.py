@@ -216,6 +216,15 @@ def test_a_dead_interpreter_is_replaced(sbx):
     assert sbx.run_code("2 + 2").text == "4"
 
 
+def test_a_cell_that_ignores_interrupts_is_stopped_with_its_interpreter(sbx):
+    sbx.run_code("x = 1")
+    with pytest.raises(TimeoutException):
+        sbx.run_code("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass", timeout=1)
+    # The next cell runs (in a new interpreter: the old one was killed).
+    assert sbx.run_code("x").error.name == "NameError"
+    assert sbx.run_code("'alive'").text == "alive"
+
+
 def test_a_killed_sandbox_ends_the_cell():
     s = Sandbox.create(timeout=60)
     s.run_code("1")
