@@ -14,6 +14,7 @@
 
 import ast
 import base64
+import builtins
 import codecs
 import fcntl
 import io
@@ -376,9 +377,43 @@ def _evaluate(code):
     return result
 
 
+def _shell(command):
+    """A notebook's `!command`: run by the shell, its output the cell's."""
+    import subprocess
+
+    subprocess.run(command, shell=True)
+
+
+def _magics(code):
+    """A notebook's `!command`, `%pip …` and `%cd …` lines, as Python (line for
+    line). Only asked for code that does not parse as it is."""
+    lines = []
+    for line in code.split("\n"):
+        stripped = line.lstrip()
+        indent = line[: len(line) - len(stripped)]
+        if stripped.startswith("!"):
+            line = "%s__sandgate_shell__(%r)" % (indent, stripped[1:])
+        elif stripped.split(None, 1)[:1] == ["%pip"]:
+            command = "%s -m pip%s" % (sys.executable, stripped[4:])
+            line = "%s__sandgate_shell__(%r)" % (indent, command)
+        elif stripped.split(None, 1)[:1] == ["%cd"]:
+            line = "%s__import__('os').chdir(%r)" % (indent, os.path.expanduser(stripped[3:].strip() or "~"))
+        lines.append(line)
+    return "\n".join(lines)
+
+
+builtins.__sandgate_shell__ = _shell
+
+
 def _run(code, filename):
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-    tree = ast.parse(code, filename, "exec")
+    try:
+        tree = ast.parse(code, filename, "exec")
+    except SyntaxError:
+        rewritten = _magics(code)
+        if rewritten == code:
+            raise
+        tree = ast.parse(rewritten, filename, "exec")
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr) and not code.rstrip().endswith(";"):
         last = ast.Expression(tree.body.pop().value)

@@ -64,6 +64,9 @@ def test_logs_results_and_rich_formats(sbx):
     # Output of subprocesses is the cell's output too.
     r = sbx.run_code("import subprocess\nsubprocess.run('echo from-shell', shell=True)\nNone")
     assert "".join(r.logs.stdout) == "from-shell\n"
+    # A notebook's shell escapes and %cd.
+    r = sbx.run_code("!echo bang\n%cd /tmp\nimport os\nos.getcwd()")
+    assert "".join(r.logs.stdout) == "bang\n" and r.text == "/tmp"
     r = sbx.run_code(
         "class Card:\n"
         "    def _repr_html_(self): return '<b>card</b>'\n"
