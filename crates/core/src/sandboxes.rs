@@ -31,8 +31,8 @@ use crate::model::{Env, Timestamp};
 use crate::principal::Principal;
 use crate::processes::ProcessTable;
 
-pub mod files;
 mod code_contexts;
+pub mod files;
 mod long_running;
 use crate::store::StoreError;
 use crate::usage::UsageRecorder;
