@@ -5,23 +5,24 @@
 //! non-public route, allowed or not, becomes an audit row (queued, written in
 //! batches). Failures answer only with the SPEC codes; the row keeps the reason.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::extract::{Extension, MatchedPath, OriginalUri, Request, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use sandgate_core::audit::AuthAttempt;
 use sandgate_core::keys::callback::callback_key_id;
-use sandgate_core::keys::service::auth_row;
-use sandgate_core::keys::{AuthFailure, RequestContext, format};
+use sandgate_core::keys::{AuthFailure, format};
 use sandgate_core::limits::RateDecision;
 use sandgate_core::model::{Outcome, Timestamp};
 use sandgate_core::principal::Principal;
 
 use crate::callback::{Call, Decision, Presented};
 use crate::error::ApiError;
-use crate::extract::{Caller, Ctx};
+use crate::extract::Caller;
 use crate::jwt::JwtCheck;
 use crate::request::RequestInfo;
 use crate::routes::{Access, Policy};
@@ -33,11 +34,11 @@ pub async fn authorize(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let route = req
+    let found = req
         .extensions()
         .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
-    let Some(access) = route.and_then(|r| policy.access(req.method(), r)) else {
+        .and_then(|r| policy.lookup(req.method(), r.as_str()));
+    let Some((access, route)) = found else {
         return ApiError::not_found("route").into_response();
     };
     if access == Access::Public {
@@ -50,30 +51,36 @@ pub async fn authorize(
         .expect("request_context runs first");
     // An address that keeps presenting invalid credentials is refused before any
     // lookup or audit write: guessing and floods of random keys get nowhere.
-    let ip_subject = info.client_ip.to_string();
+    let ip_subject = IpText::new(info.client_ip);
     if let Some(limit) = state.config().auth_failure_limit
-        && let Some(retry_after) = state.auth_failures().would_refuse(&ip_subject, limit)
+        && let Some(retry_after) = state
+            .auth_failures()
+            .would_refuse(ip_subject.as_str(), limit)
     {
         state.metrics().observe_auth("denied", "throttled");
         drain(req.into_body()).await;
         return ApiError::rate_limited(retry_after).into_response();
     }
-    let ctx = RequestContext {
-        request_id: Some(info.request_id.clone()),
-        client_ip: Some(ip_subject),
-        method: Some(req.method().to_string()),
-        path: Some(req.uri().path().to_owned()),
+    let path = req.uri().path();
+    let facts = Facts {
+        info: &info,
+        method: method_word(req.method()),
+        // A route without parameters is its own path: no copy of it for the row.
+        path: if path == route {
+            Cow::Borrowed(route)
+        } else {
+            Cow::Owned(path.to_owned())
+        },
     };
-    let route = route.unwrap_or_default().to_owned();
     // The path as the client sent it, before any nesting stripped a prefix.
-    let path = req
+    let original_path = req
         .extensions()
         .get::<OriginalUri>()
-        .map_or_else(|| req.uri().path().to_owned(), |uri| uri.path().to_owned());
+        .map_or(path, |uri| uri.path());
     let call = Call {
         method: req.method().as_str(),
-        path: &path,
-        route: &route,
+        path: original_path,
+        route,
         request_id: &info.request_id,
     };
     let decided = match access {
@@ -85,7 +92,7 @@ pub async fn authorize(
     let principal = match decided {
         Ok(principal) => principal,
         Err(refusal) => {
-            let response = refuse(&state, &ctx, req.headers(), refusal).await;
+            let response = refuse(&state, facts, &ip_subject, req.headers(), refusal).await;
             drain(req.into_body()).await;
             return response;
         }
@@ -106,26 +113,18 @@ pub async fn authorize(
             "rate_limited",
             Some(principal),
         );
-        let mut response = refuse(&state, &ctx, req.headers(), refusal).await;
+        let mut response = refuse(&state, facts, &ip_subject, req.headers(), refusal).await;
         drain(req.into_body()).await;
         rate_limit_headers(&mut response, d);
         return response;
     }
     state.metrics().observe_auth("allowed", "ok");
-    state
-        .audit()
-        .record(auth_row(
-            &ctx,
-            Some(&principal),
-            None,
-            Outcome::Allowed,
-            None,
-        ))
-        .await;
-    principal.record_use(Timestamp::now());
+    let now = Timestamp::now();
+    principal.record_use(now);
     state.usage().request(&principal);
+    let attempt = facts.attempt(now, Some(Arc::clone(&principal)), Outcome::Allowed, None);
+    state.audit().record(attempt).await;
     req.extensions_mut().insert(Caller(principal));
-    req.extensions_mut().insert(Ctx(ctx));
     let mut response = next.run(req).await;
     if let Some(d) = decision {
         rate_limit_headers(&mut response, d);
@@ -146,9 +145,81 @@ async fn drain(body: axum::body::Body) {
     .await;
 }
 
+/// The request's side of its audit row.
+struct Facts<'a> {
+    info: &'a RequestInfo,
+    method: Cow<'static, str>,
+    path: Cow<'static, str>,
+}
+
+impl Facts<'_> {
+    fn attempt(
+        self,
+        time: Timestamp,
+        key: Option<Arc<Principal>>,
+        outcome: Outcome,
+        reason: Option<&'static str>,
+    ) -> AuthAttempt {
+        AuthAttempt {
+            time,
+            request_id: Arc::clone(&self.info.request_id),
+            client_ip: self.info.client_ip,
+            method: self.method,
+            path: self.path,
+            key,
+            presented_prefix: None,
+            subject: None,
+            outcome,
+            reason,
+        }
+    }
+}
+
+/// The standard methods as fixed words; anything else is copied.
+fn method_word(method: &Method) -> Cow<'static, str> {
+    const STANDARD: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::PATCH, "PATCH"),
+        (Method::DELETE, "DELETE"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    match STANDARD.iter().find(|(m, _)| m == method) {
+        Some((_, word)) => Cow::Borrowed(word),
+        None => Cow::Owned(method.as_str().to_owned()),
+    }
+}
+
+/// An address written out without an allocation: the failed-auth throttle's subject.
+struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl IpText {
+    fn new(ip: IpAddr) -> IpText {
+        use std::io::Write;
+        let mut buf = [0u8; 48];
+        let mut rest = &mut buf[..];
+        // The longest address text is 45 bytes: this never fails.
+        let _ = write!(rest, "{ip}");
+        let len = 48 - rest.len();
+        IpText { buf, len }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
 async fn refuse(
     state: &AppState,
-    ctx: &RequestContext,
+    facts: Facts<'_>,
+    ip: &IpText,
     headers: &HeaderMap,
     refusal: Refusal,
 ) -> Response {
@@ -156,24 +227,22 @@ async fn refuse(
     if let Some(key) = &refusal.key {
         state.usage().denied(key);
     }
-    let presented = credential(headers);
     if refusal.counts_as_bad_credential
         && let Some(limit) = state.config().auth_failure_limit
-        && let Some(ip) = &ctx.client_ip
     {
-        state.auth_failures().count(ip, limit);
+        state.auth_failures().count(ip.as_str(), limit);
     }
-    let mut row = auth_row(
-        ctx,
-        refusal.key.as_deref(),
-        presented.and_then(format::prefix_of),
+    let mut attempt = facts.attempt(
+        Timestamp::now(),
+        refusal.key,
         Outcome::Denied,
         Some(refusal.reason),
     );
-    if row.key_id.is_none() {
-        row.key_id = refusal.subject;
-    }
-    state.audit().record(row).await;
+    attempt.presented_prefix = credential(headers)
+        .and_then(format::prefix_of)
+        .map(str::to_owned);
+    attempt.subject = refusal.subject;
+    state.audit().record(attempt).await;
     refusal.error.into_response()
 }
 

@@ -12,6 +12,7 @@ use sandgate_core::principal::Principal;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
+use crate::request::RequestInfo;
 use crate::state::AppState;
 
 /// A JSON body. An empty body reads as `{}`, so all-optional requests need none.
@@ -111,7 +112,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
-/// The request's audit context (id, client IP, method, path).
+/// The request's audit context (id, client IP, method, path), for the handlers that
+/// record a change; made when extracted, so the others never pay for it.
 #[derive(Debug, Clone)]
 pub struct Ctx(pub RequestContext);
 
@@ -119,11 +121,16 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        parts
+        let info = parts
             .extensions
-            .get::<Ctx>()
-            .cloned()
-            .ok_or_else(|| ApiError::internal("request context missing"))
+            .get::<RequestInfo>()
+            .ok_or_else(|| ApiError::internal("request context missing"))?;
+        Ok(Ctx(RequestContext {
+            request_id: Some(info.request_id.to_string()),
+            client_ip: Some(info.client_ip.to_string()),
+            method: Some(parts.method.to_string()),
+            path: Some(parts.uri.path().to_owned()),
+        }))
     }
 }
 

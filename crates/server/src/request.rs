@@ -3,11 +3,13 @@
 //! The request id (`req_…`, or the client's own `X-Request-Id` when it is sane) is
 //! set as a task-local for the rest of the request, so any error built anywhere
 //! below can carry it without threading it through every signature; it is echoed
-//! on every response. The client IP is the socket peer, or, only when the peer is a
+//! on every response. It is made once and shared (`Arc<str>`) by everything that
+//! keeps it: the task-local, [`RequestInfo`], the audit row. The client IP is the socket peer, or, only when the peer is a
 //! trusted proxy, the right-most untrusted address of `X-Forwarded-For` (else
 //! `X-Real-IP`).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
@@ -22,20 +24,20 @@ use crate::state::AppState;
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 tokio::task_local! {
-    static REQUEST_ID: String;
+    static REQUEST_ID: Arc<str>;
 }
 
 /// The id of the request being served, or `req_unknown` outside one.
 pub fn current_request_id() -> String {
     REQUEST_ID
-        .try_with(Clone::clone)
+        .try_with(|id| id.to_string())
         .unwrap_or_else(|_| "req_unknown".to_owned())
 }
 
 /// Facts about the request gathered before authentication.
 #[derive(Debug, Clone)]
 pub struct RequestInfo {
-    pub request_id: String,
+    pub request_id: Arc<str>,
     pub client_ip: IpAddr,
 }
 
@@ -46,15 +48,20 @@ pub async fn request_context(
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let request_id = sane_request_id(req.headers()).unwrap_or_else(|| random_id("req_", 16));
+    let request_id: Arc<str> = match sane_request_id(req.headers()) {
+        Some(id) => id.into(),
+        None => random_id("req_", 16).into(),
+    };
     let client_ip = client_ip(peer.ip(), req.headers(), &state.config().trusted_proxies);
     let method = req.method().clone();
     let route = req.extensions().get::<MatchedPath>().cloned();
     req.extensions_mut().insert(RequestInfo {
-        request_id: request_id.clone(),
+        request_id: Arc::clone(&request_id),
         client_ip,
     });
-    let mut response = REQUEST_ID.scope(request_id.clone(), next.run(req)).await;
+    let mut response = REQUEST_ID
+        .scope(Arc::clone(&request_id), next.run(req))
+        .await;
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
@@ -67,14 +74,14 @@ pub async fn request_context(
     response
 }
 
-fn sane_request_id(headers: &HeaderMap) -> Option<String> {
+fn sane_request_id(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(REQUEST_ID_HEADER)?.to_str().ok()?;
     let sane = !value.is_empty()
         && value.len() <= 128
         && value
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
-    sane.then(|| value.to_owned())
+    sane.then_some(value)
 }
 
 /// The caller's address: forwarded headers count only when the peer is trusted.
@@ -151,7 +158,7 @@ mod tests {
     fn request_ids_must_be_sane() {
         assert_eq!(
             sane_request_id(&headers(&[("x-request-id", "abc-123")])),
-            Some("abc-123".into())
+            Some("abc-123")
         );
         assert_eq!(sane_request_id(&headers(&[("x-request-id", "a b")])), None);
         let long = "a".repeat(200);

@@ -827,11 +827,16 @@ impl Policy {
 
     /// `None` for a (method, route) the table does not have: the caller must refuse.
     pub fn access(&self, method: &Method, route: &str) -> Option<Access> {
-        self.by_path
-            .get(route)?
+        self.lookup(method, route).map(|(access, _)| access)
+    }
+
+    /// Like [`Policy::access`], with the table's own `'static` copy of the template.
+    pub fn lookup(&self, method: &Method, route: &str) -> Option<(Access, &'static str)> {
+        let (template, methods) = self.by_path.get_key_value(route)?;
+        methods
             .iter()
             .find(|(m, _)| m == method)
-            .map(|(_, a)| *a)
+            .map(|(_, a)| (*a, *template))
     }
 }
 

@@ -911,32 +911,3 @@ fn lifecycle_row(
         request_id: ctx.request_id.clone(),
     }
 }
-
-/// The audit row of one authentication attempt. `principal` is the key presented
-/// when it is known (even when refused as expired); `presented_prefix` otherwise.
-pub fn auth_row(
-    ctx: &RequestContext,
-    principal: Option<&Principal>,
-    presented_prefix: Option<&str>,
-    outcome: Outcome,
-    reason: Option<&str>,
-) -> AuditRecord {
-    AuditRecord {
-        seq: 0,
-        time: Timestamp::now(),
-        event: "auth".to_owned(),
-        client_ip: ctx.client_ip.clone(),
-        method: ctx.method.clone(),
-        path: ctx.path.clone(),
-        key_id: principal.map(|p| p.key_id.clone()),
-        key_prefix: principal
-            .and_then(|p| p.key_prefix.clone())
-            .or_else(|| presented_prefix.map(str::to_owned)),
-        actor_key_id: None,
-        tenant: principal.map(|p| p.tenant.clone()),
-        env: principal.map(|p| p.env),
-        outcome,
-        reason: reason.map(str::to_owned),
-        request_id: ctx.request_id.clone(),
-    }
-}

@@ -5,7 +5,11 @@
 //! transaction: a key change and the audit rows that describe it commit together
 //! or not at all. Backends never decide policy.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
+
+use crate::audit::AuthAttempt;
 
 use crate::model::{
     AuditQuery, AuditRecord, DeliveryAttempt, DueDelivery, Env, EventRecord, KeyRecord,
@@ -115,7 +119,9 @@ pub trait KeyStore: Send + Sync + 'static {
 
 #[async_trait]
 pub trait AuditStore: Send + Sync + 'static {
-    async fn append_audit(&self, rows: &[AuditRecord]) -> Result<(), StoreError>;
+    /// Appends one row (event `auth`) per attempt, in order, in one transaction.
+    /// Shared, not copied: the caller reuses the batch once the store lets go of it.
+    async fn append_auth_attempts(&self, batch: Arc<Vec<AuthAttempt>>) -> Result<(), StoreError>;
 
     /// Newest first.
     async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;

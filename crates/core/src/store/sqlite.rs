@@ -5,6 +5,7 @@
 //! write transactions are `IMMEDIATE` and wait on the lock, and a global revision
 //! counter in `meta` lets each process see what the others changed.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -15,6 +16,7 @@ use super::{
     AuditStore, Changes, KeyStore, KeyUsage, QuotaChange, QuotaExhausted, StoreError, UsageStore,
     WebhookStore,
 };
+use crate::audit::AuthAttempt;
 use crate::keys::format::SecretKey;
 use crate::model::{
     AuditQuery, AuditRecord, DeliveryAttempt, DueDelivery, Env, EventRecord, KeyRecord, Outcome,
@@ -441,6 +443,39 @@ fn decode_quota(r: &Row<'_>, at: usize) -> rusqlite::Result<QuotaRecord> {
     })
 }
 
+fn insert_auth_attempts(tx: &Transaction<'_>, attempts: &[AuthAttempt]) -> Result<(), StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT INTO audit_log (time, event, client_ip, method, path, key_id, key_prefix, \
+             actor_key_id, tenant, env, outcome, reason, request_id) \
+             VALUES (?1, 'auth', ?2, ?3, ?4, ?5, ?6, NULL, ?7, ?8, ?9, ?10, ?11)",
+        )
+        .map_err(db)?;
+    // Attempts mostly come from few addresses: format each run of one address once.
+    let mut ip: Option<(IpAddr, String)> = None;
+    for a in attempts {
+        if ip.as_ref().is_none_or(|(last, _)| *last != a.client_ip) {
+            ip = Some((a.client_ip, a.client_ip.to_string()));
+        }
+        let client_ip = ip.as_ref().map(|(_, text)| text.as_str());
+        stmt.execute(params![
+            a.time.millis(),
+            client_ip,
+            &*a.method,
+            &*a.path,
+            a.key_id(),
+            a.key_prefix(),
+            a.tenant(),
+            a.env().map(Env::as_str),
+            a.outcome.as_str(),
+            a.reason,
+            &*a.request_id,
+        ])
+        .map_err(db)?;
+    }
+    Ok(())
+}
+
 fn read_quota(conn: &Connection, quota_id: &str) -> Result<QuotaRecord, StoreError> {
     conn.query_row(
         &format!("SELECT {QUOTA_COLUMNS} FROM quotas WHERE id = ?1"),
@@ -729,9 +764,8 @@ fn read_audit_row(r: &Row<'_>) -> rusqlite::Result<(AuditRecord, Option<String>,
 
 #[async_trait]
 impl AuditStore for SqliteStore {
-    async fn append_audit(&self, rows: &[AuditRecord]) -> Result<(), StoreError> {
-        let rows = rows.to_vec();
-        self.write(move |tx| insert_audit(tx, &rows)).await
+    async fn append_auth_attempts(&self, batch: Arc<Vec<AuthAttempt>>) -> Result<(), StoreError> {
+        self.write(move |tx| insert_auth_attempts(tx, &batch)).await
     }
 
     async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
