@@ -17,16 +17,17 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use subtle::ConstantTimeEq;
 
 use super::api::{
     self, CreateKeyRequest, CreatedKey, InvalidField, KeyView, UpdateKeyRequest, WhoAmI, invalid,
 };
 use super::format::{self, KeyHash, KeyShape};
-use crate::model::{AuditRecord, KeyRecord, Outcome, QuotaRecord, Timestamp};
+use crate::model::{AuditRecord, KeyRecord, Outcome, QuotaRecord, Refill, Timestamp};
 use crate::net::IpNet;
 use crate::principal::{CredentialSource, Principal, UsageCell};
 use crate::scopes::{Profile, Scope, ScopeSet};
@@ -105,6 +106,31 @@ pub struct RequestContext {
 struct CachedKey {
     record: KeyRecord,
     principal: Arc<Principal>,
+    /// The whoami JSON of this version of the key up to its executions counters,
+    /// rendered on first use. `None` when the JSON does not end with the
+    /// [`WhoAmICounters`] members: then each answer is rendered whole.
+    whoami_head: OnceLock<Option<Box<[u8]>>>,
+}
+
+/// The members a whoami ends with: they move with every run and refill.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WhoAmICounters {
+    executions_limit: Option<u64>,
+    executions_remaining: Option<u64>,
+    executions_refill: Option<Refill>,
+    next_refill_at: Option<Timestamp>,
+}
+
+impl WhoAmICounters {
+    fn of(quota: &QuotaRecord) -> WhoAmICounters {
+        WhoAmICounters {
+            executions_limit: quota.limit,
+            executions_remaining: quota.remaining,
+            executions_refill: quota.refill,
+            next_refill_at: crate::quota::next_refill_at(quota),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -128,7 +154,11 @@ impl KeyCache {
     fn put(&mut self, record: KeyRecord) {
         let usage = Arc::clone(self.usage.entry(record.id.clone()).or_default());
         let principal = Arc::new(principal_for(&record, usage));
-        let entry = Arc::new(CachedKey { record, principal });
+        let entry = Arc::new(CachedKey {
+            record,
+            principal,
+            whoami_head: OnceLock::new(),
+        });
         self.by_hash.insert(entry.record.hash, Arc::clone(&entry));
         self.by_id.insert(entry.record.id.clone(), entry);
     }
@@ -456,21 +486,35 @@ impl KeyService {
             .as_deref()
             .map(|q| self.quota(q))
             .unwrap_or(UNLIMITED);
-        WhoAmI {
-            key_id: p.key_id.clone(),
-            name: p.name.clone(),
-            prefix: p.key_prefix.clone(),
-            tenant: p.tenant.clone(),
-            env: p.env,
-            scopes: p.scope_names.clone(),
-            expires_at: p.expires_at,
-            rate_limits: p.rate_limits.clone(),
-            allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
-            executions_limit: quota.limit,
-            executions_remaining: quota.remaining,
-            executions_refill: quota.refill,
-            next_refill_at: crate::quota::next_refill_at(&quota),
-        }
+        whoami_of(p, quota)
+    }
+
+    /// [`KeyService::whoami`] as JSON. For a cached key everything before the
+    /// executions counters is rendered once per version of the key; the counters
+    /// (which move with every run and refill) are written after it.
+    pub fn whoami_json(&self, p: &Arc<Principal>) -> Vec<u8> {
+        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        let head = cache
+            .by_id
+            .get(p.key_id.as_str())
+            .filter(|e| Arc::ptr_eq(&e.principal, p))
+            .and_then(|e| e.whoami_head.get_or_init(|| whoami_head(p)).as_deref());
+        let Some(head) = head else {
+            drop(cache);
+            return serde_json::to_vec(&self.whoami(p)).expect("plain data serializes");
+        };
+        let quota = p
+            .quota_id
+            .as_deref()
+            .and_then(|q| cache.quotas.get(q))
+            .map_or(UNLIMITED, |q| crate::quota::refilled(*q, Timestamp::now()));
+        let mut out = Vec::with_capacity(head.len() + 160);
+        out.extend_from_slice(head);
+        serde_json::to_writer(&mut out, &WhoAmICounters::of(&quota))
+            .expect("plain data serializes");
+        // The counters' own `{`: the head already opened the object.
+        out.remove(head.len());
+        out
     }
 
     /// The cached counter, with the refills due by now.
@@ -827,6 +871,41 @@ impl KeyService {
     }
 }
 
+/// The caller as `GET /v1/auth/whoami` shows it.
+fn whoami_of(p: &Principal, quota: QuotaRecord) -> WhoAmI {
+    let counters = WhoAmICounters::of(&quota);
+    WhoAmI {
+        key_id: p.key_id.clone(),
+        name: p.name.clone(),
+        prefix: p.key_prefix.clone(),
+        tenant: p.tenant.clone(),
+        env: p.env,
+        scopes: p.scope_names.clone(),
+        expires_at: p.expires_at,
+        rate_limits: p.rate_limits.clone(),
+        allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+        executions_limit: counters.executions_limit,
+        executions_remaining: counters.executions_remaining,
+        executions_refill: counters.executions_refill,
+        next_refill_at: counters.next_refill_at,
+    }
+}
+
+/// `p`'s whoami JSON without its counters' members and the closing `}`, when it
+/// ends with them.
+fn whoami_head(p: &Principal) -> Option<Box<[u8]>> {
+    let mut whole = serde_json::to_vec(&whoami_of(p, UNLIMITED)).expect("plain data serializes");
+    let counters =
+        serde_json::to_vec(&WhoAmICounters::of(&UNLIMITED)).expect("plain data serializes");
+    // Both end with the same members and `}`; the head keeps the `,` before them.
+    let tail = counters.get(1..)?;
+    if !whole.ends_with(tail) {
+        return None;
+    }
+    whole.truncate(whole.len() - tail.len());
+    Some(whole.into_boxed_slice())
+}
+
 const UNLIMITED: QuotaRecord = QuotaRecord {
     limit: None,
     remaining: None,
@@ -909,5 +988,70 @@ fn lifecycle_row(
         outcome: Outcome::Allowed,
         reason: None,
         request_id: ctx.request_id.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::RateLimit;
+    use crate::store::SqliteStore;
+
+    #[tokio::test]
+    async fn whoami_json_is_the_serialized_whoami() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let keys = KeyService::load(Arc::new(store)).await.unwrap();
+        let admin = keys.bootstrap_admin().await.unwrap().unwrap().secret;
+        let admin = keys.verify(&admin).await.unwrap().unwrap();
+        let ctx = RequestContext::default();
+        let create = |req: CreateKeyRequest| keys.create_key(&admin, &ctx, req);
+        let limited = create(CreateKeyRequest {
+            name: "with \"quotes\" and ünïcode".into(),
+            rate_limits: Some(vec![RateLimit {
+                limit: 5,
+                window_sec: 60,
+            }]),
+            executions_limit: Some(3),
+            executions_refill: Some(Refill {
+                amount: 2,
+                interval_sec: 3600,
+            }),
+            allowed_ips: Some(vec!["10.0.0.0/8".into(), "::1".into()]),
+            expires_in_sec: Some(3600),
+            ..CreateKeyRequest::default()
+        })
+        .await
+        .unwrap();
+        let plain = create(CreateKeyRequest {
+            name: "plain".into(),
+            ..CreateKeyRequest::default()
+        })
+        .await
+        .unwrap();
+        for secret in [&limited.secret, &plain.secret] {
+            let p = keys.verify(secret).await.unwrap().unwrap();
+            let expected = serde_json::to_vec(&keys.whoami(&p)).unwrap();
+            // First use renders the head, the second takes it from the cache.
+            assert_eq!(keys.whoami_json(&p), expected);
+            let cached = keys.cache.read().unwrap().by_id[&p.key_id]
+                .whoami_head
+                .get()
+                .is_some_and(Option::is_some);
+            assert!(cached, "the head of a cached key is kept");
+            assert_eq!(keys.whoami_json(&p), expected);
+            if p.key_id == limited.key.id {
+                keys.consume_execution(&p).await.unwrap();
+                let after = keys.whoami_json(&p);
+                assert_eq!(after, serde_json::to_vec(&keys.whoami(&p)).unwrap());
+                assert_ne!(after, expected, "the counters move");
+            }
+        }
+        // A principal the cache does not hold is rendered whole.
+        let local = Arc::new(Principal::local_operator());
+        assert_eq!(
+            keys.whoami_json(&local),
+            serde_json::to_vec(&keys.whoami(&local)).unwrap()
+        );
     }
 }

@@ -2,10 +2,11 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use sandgate_core::keys::api::{
     CreateKeyRequest, CreatedKey, KeyView, ResetExecutionsRequest, RotateKeyRequest,
-    UpdateKeyRequest, WhoAmI,
+    UpdateKeyRequest,
 };
 use sandgate_core::keys::review::{self, KeyReview};
 use sandgate_core::model::Timestamp;
@@ -23,8 +24,10 @@ pub struct KeyList {
     pub data: Vec<KeyView>,
 }
 
-pub async fn whoami(State(state): State<AppState>, Caller(caller): Caller) -> Json<WhoAmI> {
-    Json(state.keys().whoami(&caller))
+/// The body is a [`sandgate_core::keys::api::WhoAmI`], rendered by the key service (mostly cached).
+pub async fn whoami(State(state): State<AppState>, Caller(caller): Caller) -> impl IntoResponse {
+    let json = state.keys().whoami_json(&caller);
+    ([(header::CONTENT_TYPE, "application/json")], json)
 }
 
 pub async fn create_key(
