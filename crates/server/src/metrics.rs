@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sandgate_core::execute::RunStatus;
@@ -17,7 +18,10 @@ const BUCKETS: [f64; 12] = [
 #[derive(Debug, Default)]
 pub struct Metrics {
     routes: Mutex<HashMap<String, RouteStats>>,
+    /// (outcome, reason) → count, but for `allowed`/`ok`: nearly every attempt is
+    /// that one, counted in [`Metrics::allowed`] without a lock.
     auth: Mutex<HashMap<(&'static str, &'static str), u64>>,
+    allowed: AtomicU64,
     executions: Mutex<HashMap<&'static str, u64>>,
 }
 
@@ -56,6 +60,10 @@ impl Metrics {
     }
 
     pub fn observe_auth(&self, outcome: &'static str, reason: &'static str) {
+        if (outcome, reason) == ("allowed", "ok") {
+            self.allowed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         *self
             .auth
             .lock()
@@ -131,7 +139,11 @@ impl Metrics {
             "# HELP sandgate_auth_attempts_total Authentication attempts by outcome and reason.\n",
         );
         out.push_str("# TYPE sandgate_auth_attempts_total counter\n");
-        let auth = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+        let mut auth = self.auth.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let allowed = self.allowed.load(Ordering::Relaxed);
+        if allowed > 0 {
+            *auth.entry(("allowed", "ok")).or_default() += allowed;
+        }
         let mut rows: Vec<_> = auth.iter().collect();
         rows.sort();
         for ((outcome, reason), n) in rows {
@@ -167,7 +179,10 @@ mod tests {
         m.observe_request("GET", "/v1/keys", 200, Duration::from_millis(3));
         m.observe_request("GET", "/v1/keys", 200, Duration::from_millis(300));
         m.observe_auth("denied", "unknown_key");
+        m.observe_auth("allowed", "ok");
+        m.observe_auth("allowed", "ok");
         let text = m.render();
+        assert!(text.contains("sandgate_auth_attempts_total{outcome=\"allowed\",reason=\"ok\"} 2"));
         assert!(text.contains(
             "sandgate_http_requests_total{method=\"GET\",route=\"/v1/keys\",status=\"200\"} 2"
         ));

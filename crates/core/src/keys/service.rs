@@ -16,6 +16,7 @@
 //! its hash).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -133,9 +134,29 @@ impl WhoAmICounters {
     }
 }
 
+/// Hashes a SHA-256 digest by folding its words: digests are uniform already, so
+/// hashing them again (SipHash, on every request) buys nothing. Only stored keys
+/// are inserted, so presented credentials cannot crowd a bucket.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(29) ^ u64::from_le_bytes(word);
+        }
+    }
+}
+
 #[derive(Default)]
 struct KeyCache {
-    by_hash: HashMap<KeyHash, Arc<CachedKey>>,
+    by_hash: HashMap<KeyHash, Arc<CachedKey>, BuildHasherDefault<DigestHasher>>,
     by_id: HashMap<String, Arc<CachedKey>>,
     usage: HashMap<String, Arc<UsageCell>>,
     quotas: HashMap<String, QuotaRecord>,
