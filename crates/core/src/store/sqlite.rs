@@ -6,7 +6,6 @@
 //! counter in `meta` lets each process see what the others changed.
 
 use std::collections::{BinaryHeap, HashMap};
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -479,29 +478,44 @@ fn insert_auth_attempts(tx: &Transaction<'_>, attempts: &[AuthAttempt]) -> Resul
         )
         .map_err(db)?;
     let mut index = AuditIndex::default();
-    // Attempts mostly come from few addresses: format each run of one address once.
-    let mut ip: Option<(IpAddr, String)> = None;
+    // A reset keeps the bindings, and consecutive attempts mostly differ only in
+    // their time and request id: the other columns are bound again only when they
+    // change (binding copies the text).
+    let mut prev: Option<&AuthAttempt> = None;
     for a in attempts {
-        if ip.as_ref().is_none_or(|(last, _)| *last != a.client_ip) {
-            ip = Some((a.client_ip, a.client_ip.to_string()));
-        }
-        let client_ip = ip.as_ref().map(|(_, text)| text.as_str());
+        let changed =
+            |same: fn(&AuthAttempt, &AuthAttempt) -> bool| prev.is_none_or(|p| !same(p, a));
         let env = a.env().map(Env::as_str);
-        stmt.execute(params![
-            a.time.millis(),
-            client_ip,
-            &*a.method,
-            &*a.path,
-            a.key_id(),
-            a.key_prefix(),
-            a.tenant(),
-            env,
-            a.outcome.as_str(),
-            a.reason,
-            &*a.request_id,
-        ])
-        .map_err(db)?;
+        stmt.raw_bind_parameter(1, a.time.millis()).map_err(db)?;
+        if changed(|p, a| p.client_ip == a.client_ip) {
+            stmt.raw_bind_parameter(2, a.client_ip.to_string())
+                .map_err(db)?;
+        }
+        if changed(|p, a| p.method == a.method) {
+            stmt.raw_bind_parameter(3, &*a.method).map_err(db)?;
+        }
+        if changed(|p, a| p.path == a.path) {
+            stmt.raw_bind_parameter(4, &*a.path).map_err(db)?;
+        }
+        if changed(|p, a| {
+            p.key_id() == a.key_id()
+                && p.key_prefix() == a.key_prefix()
+                && p.tenant() == a.tenant()
+                && p.env() == a.env()
+        }) {
+            stmt.raw_bind_parameter(5, a.key_id()).map_err(db)?;
+            stmt.raw_bind_parameter(6, a.key_prefix()).map_err(db)?;
+            stmt.raw_bind_parameter(7, a.tenant()).map_err(db)?;
+            stmt.raw_bind_parameter(8, env).map_err(db)?;
+        }
+        if changed(|p, a| p.outcome == a.outcome && p.reason == a.reason) {
+            stmt.raw_bind_parameter(9, a.outcome.as_str()).map_err(db)?;
+            stmt.raw_bind_parameter(10, a.reason).map_err(db)?;
+        }
+        stmt.raw_bind_parameter(11, &*a.request_id).map_err(db)?;
+        stmt.raw_execute().map_err(db)?;
         index.add(a.tenant(), env, a.key_id(), tx.last_insert_rowid());
+        prev = Some(a);
     }
     index.write(tx)
 }
@@ -1562,16 +1576,38 @@ mod tests {
                 key: (i % 4 != 3).then(|| Arc::clone(&acme)),
                 presented_prefix: None,
                 subject: (i % 8 == 3).then(|| "jwt:fingerprint".to_owned()),
-                outcome: if i % 5 == 0 {
+                // Runs of denied attempts whose reasons change within the run.
+                outcome: if i % 5 < 2 {
                     Outcome::Denied
                 } else {
                     Outcome::Allowed
                 },
-                reason: None,
+                reason: match i % 5 {
+                    0 => Some("missing_scope"),
+                    1 => Some("key_revoked"),
+                    _ => None,
+                },
             })
             .collect();
+        let mut attempts = attempts;
+        for (i, a) in attempts.iter_mut().enumerate() {
+            // Runs of equal and changing columns: each is bound only when it changes.
+            if i % 6 == 5 {
+                a.client_ip = "::1".parse().unwrap();
+            }
+            if i % 4 == 1 {
+                a.method = "POST".into();
+            }
+            if i % 7 > 3 {
+                a.path = "/v1/keys".into();
+            }
+            if a.key.is_none() && i % 3 == 0 {
+                a.presented_prefix = Some("sg_live_abcd".into());
+            }
+        }
+        let attempts = Arc::new(attempts);
         store
-            .append_auth_attempts(Arc::new(attempts))
+            .append_auth_attempts(Arc::clone(&attempts))
             .await
             .unwrap();
 
@@ -1584,6 +1620,17 @@ mod tests {
             .unwrap();
         assert!(everything.len() > 150);
         assert!(everything.windows(2).all(|w| w[0].seq > w[1].seq));
+        // Every attempt's columns are stored as it had them.
+        let stored: Vec<AuditRecord> = everything[..attempts.len()]
+            .iter()
+            .rev()
+            .map(|r| AuditRecord {
+                seq: 0,
+                ..r.clone()
+            })
+            .collect();
+        let written: Vec<AuditRecord> = attempts.iter().map(AuthAttempt::to_record).collect();
+        assert_eq!(stored, written);
         let middle = everything[everything.len() / 2].seq;
         let partitions = [
             None,
