@@ -889,12 +889,7 @@ impl SandboxManager {
         timeout_ms: u64,
     ) -> Result<PreparedExec, SandboxError> {
         let l = &self.limits;
-        let extra = crate::execute::validate_env(env.unwrap_or_default(), 128)?;
-        let mut env = crate::execute::base_env();
-        for (k, v) in live.env.iter().chain(extra.iter()) {
-            env.retain(|(name, _)| name != k);
-            env.push((k.clone(), v.clone()));
-        }
+        let env = self.process_env(&live, &env.unwrap_or_default())?;
         let state = live
             .record
             .lock()

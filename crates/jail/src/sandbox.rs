@@ -148,22 +148,11 @@ impl Jail {
         ))
     }
 
-    /// Runs a program inside a sandbox, to its end, its deadline or its output cap.
-    /// The sandbox's memory, pids and CPU limits apply (not `spec`'s); `spec.files`
-    /// are not written (the sandbox's `/sandbox` is read-only).
-    pub fn exec(&self, sandbox: &Sandbox, spec: &Spec) -> io::Result<Outcome> {
-        self.exec_streaming(sandbox, spec, &mut |_, _| true)
-    }
-
-    /// [`Jail::exec`], handing stdout and stderr to `sink` as they are produced.
-    /// When `sink` returns `false` (nobody listens any more), the program is killed.
-    /// `sink` is also called with an empty chunk now and then, only to ask that.
-    pub fn exec_streaming(
-        &self,
-        sandbox: &Sandbox,
-        spec: &Spec,
-        sink: &mut dyn FnMut(OutputStream, &[u8]) -> bool,
-    ) -> io::Result<Outcome> {
+    /// Starts `spec`'s program inside `sandbox`: a plain clone of the server
+    /// joins the sandbox's namespaces and cgroups (as `nsenter` would) and forks
+    /// the program. The helper, the server's end of the program's stdin, its
+    /// readers (stdout, stderr, result, report), and the sandbox's cgroup.
+    fn enter<'s>(&self, sandbox: &'s Sandbox, spec: &Spec) -> io::Result<Entered<'s>> {
         if spec.argv.is_empty() {
             return Err(crate::invalid("argv must not be empty"));
         }
@@ -184,23 +173,47 @@ impl Jail {
             // SAFETY: we are a plain clone's child; the plan's mode is Enter.
             unsafe { child::enter(&plan) };
         }
-        let started = Instant::now();
         let ends = pipes.into_server_ends();
-        let mut helper = Child {
+        let helper = Child {
             pid: pid as libc::pid_t,
             reaped: false,
         };
         group.attach(helper.pid)?;
         write_all(&ends.go, b"g")?;
-        drop(ends.go);
+        Ok(Entered {
+            helper,
+            stdin: ends.stdin,
+            readers: ends.readers,
+            group,
+        })
+    }
 
-        let mut streams = Streams::new(
-            ends.stdin,
-            &spec.stdin,
-            ends.readers,
-            spec.limits.output_bytes,
-        )?
-        .with_sink(sink);
+    /// Runs a program inside a sandbox, to its end, its deadline or its output cap.
+    /// The sandbox's memory, pids and CPU limits apply (not `spec`'s); `spec.files`
+    /// are not written (the sandbox's `/sandbox` is read-only).
+    pub fn exec(&self, sandbox: &Sandbox, spec: &Spec) -> io::Result<Outcome> {
+        self.exec_streaming(sandbox, spec, &mut |_, _| true)
+    }
+
+    /// [`Jail::exec`], handing stdout and stderr to `sink` as they are produced.
+    /// When `sink` returns `false` (nobody listens any more), the program is killed.
+    /// `sink` is also called with an empty chunk now and then, only to ask that.
+    pub fn exec_streaming(
+        &self,
+        sandbox: &Sandbox,
+        spec: &Spec,
+        sink: &mut dyn FnMut(OutputStream, &[u8]) -> bool,
+    ) -> io::Result<Outcome> {
+        let Entered {
+            mut helper,
+            stdin,
+            readers,
+            group,
+        } = self.enter(sandbox, spec)?;
+        let started = Instant::now();
+
+        let mut streams =
+            Streams::new(stdin, &spec.stdin, readers, spec.limits.output_bytes)?.with_sink(sink);
         let deadline = started + spec.limits.timeout;
         let mut ended_by: Option<Status> = None;
         let mut exited_at: Option<Instant> = None;
@@ -271,6 +284,15 @@ impl Jail {
     }
 }
 
+/// A program just started inside a sandbox ([`Jail::enter`]).
+struct Entered<'s> {
+    helper: Child,
+    stdin: OwnedFd,
+    /// stdout, stderr, result, report.
+    readers: [OwnedFd; 4],
+    group: &'s Group,
+}
+
 /// A program started inside a sandbox and left running (see [`Jail::spawn`]).
 ///
 /// The caller owns its pipes and reads them as it likes; the program's end is
@@ -311,35 +333,13 @@ impl Jail {
     /// otherwise the program's stdin is at end of file. `spec.limits.timeout`
     /// is not enforced here: the caller ends the program when it wants.
     pub fn spawn(&self, sandbox: &Sandbox, spec: &Spec, keep_stdin: bool) -> io::Result<Spawned> {
-        if spec.argv.is_empty() {
-            return Err(crate::invalid("argv must not be empty"));
-        }
-        let group = sandbox
-            .group
-            .as_ref()
-            .ok_or_else(|| io::Error::other("the sandbox is gone"))?;
-        let pipes = Pipes::new()?;
-        let ns = sandbox.ns.each_ref().map(AsRawFd::as_raw_fd);
-        let plan = self.finish_plan(spec, Vec::new(), pipes.child_fds(), -1, Mode::Enter(ns))?;
-        // SAFETY: a plain fork-like clone; the child runs only `child::enter`.
-        let pid =
-            unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0) };
-        if pid < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if pid == 0 {
-            // SAFETY: we are a plain clone's child; the plan's mode is Enter.
-            unsafe { child::enter(&plan) };
-        }
-        let ends = pipes.into_server_ends();
-        let helper = Child {
-            pid: pid as libc::pid_t,
-            reaped: false,
-        };
-        group.attach(helper.pid)?;
-        write_all(&ends.go, b"g")?;
-        drop(ends.go);
-        let [stdout, stderr, result, report] = ends.readers;
+        let Entered {
+            helper,
+            stdin,
+            readers,
+            ..
+        } = self.enter(sandbox, spec)?;
+        let [stdout, stderr, result, report] = readers;
         drop(result);
         let started = match read_report(&report, READY_TIMEOUT)? {
             Some(r) if r.kind == Report::STARTED => r.status,
@@ -360,7 +360,7 @@ impl Jail {
             pid: started,
             inner_pid: inner_pid(started).unwrap_or(started as u32),
             pidfd,
-            stdin: keep_stdin.then_some(ends.stdin),
+            stdin: keep_stdin.then_some(stdin),
             stdout: Some(stdout),
             stderr: Some(stderr),
             report: Some(report),

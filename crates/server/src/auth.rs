@@ -83,13 +83,7 @@ pub async fn authorize(
         route,
         request_id: &info.request_id,
     };
-    let decided = match access {
-        Access::SandboxToken(scope) => {
-            sandbox_access(&state, req.headers(), scope, info.client_ip).await
-        }
-        _ => decide(&state, req.headers(), &call, access, info.client_ip).await,
-    };
-    let principal = match decided {
+    let principal = match decide(&state, req.headers(), &call, access, info.client_ip).await {
         Ok(principal) => principal,
         Err(refusal) => {
             let response = refuse(&state, facts, &ip_subject, req.headers(), refusal).await;
@@ -327,24 +321,11 @@ const ENVD_UNAUTHORIZED: &str =
 
 /// E2B's in-sandbox routes: the sandbox named by `E2b-Sandbox-Id`, opened by
 /// its access token (`X-Access-Token`, or the code interpreter's
-/// `E2B-Traffic-Access-Token`). The request then acts for the sandbox's owner,
-/// whose key must still be valid, allowed from this address and hold `scope`:
+/// `E2B-Traffic-Access-Token`). The request then acts for the sandbox's owner
+/// as the owner's key stands now (a revoked or expired key opens nothing), so
 /// a token never does more than its owner's key may.
-async fn sandbox_access(
-    state: &AppState,
-    headers: &HeaderMap,
-    scope: Option<sandgate_core::scopes::Scope>,
-    client_ip: IpAddr,
-) -> Result<Arc<Principal>, Refusal> {
+async fn sandbox_owner(state: &AppState, headers: &HeaderMap) -> Result<Arc<Principal>, Refusal> {
     use sandgate_core::sandboxes::TokenRefusal;
-    let server_allowlist = &state.config().allowed_ips;
-    if !server_allowlist.is_empty() && !server_allowlist.iter().any(|n| n.contains(client_ip)) {
-        return Err(Refusal::new(
-            ApiError::ip_not_allowed(),
-            "ip_not_allowed_server",
-            None,
-        ));
-    }
     let token = ["x-access-token", "e2b-traffic-access-token"]
         .iter()
         .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
@@ -379,26 +360,9 @@ async fn sandbox_access(
             ));
         }
     };
-    let owner = state.keys().current(&owner).map_err(|denied| {
+    state.keys().current(&owner).map_err(|denied| {
         Refusal::new(ApiError::key_expired(), denied.failure.reason(), denied.key)
-    })?;
-    if !owner.allowed_ips.is_empty() && !owner.allowed_ips.iter().any(|n| n.contains(client_ip)) {
-        return Err(Refusal::new(
-            ApiError::ip_not_allowed(),
-            "ip_not_allowed_key",
-            Some(owner),
-        ));
-    }
-    if let Some(scope) = scope
-        && !owner.has(scope)
-    {
-        return Err(Refusal::new(
-            ApiError::forbidden(scope, format!("The sandbox's key lacks the scope {scope}")),
-            "missing_scope",
-            Some(owner),
-        ));
-    }
-    Ok(owner)
+    })
 }
 
 async fn decide(
@@ -416,9 +380,10 @@ async fn decide(
             None,
         ));
     }
-    let principal = match state.config().auth_mode {
-        AuthMode::Open => Arc::clone(state.open_principal()),
-        AuthMode::Keys => authenticate(state, headers, call).await?,
+    let (principal, scope) = match access {
+        Access::SandboxToken(scope) => (sandbox_owner(state, headers).await?, scope),
+        Access::Scope(scope) => (principal(state, headers, call).await?, Some(scope)),
+        Access::Authenticated | Access::Public => (principal(state, headers, call).await?, None),
     };
     if !principal.allowed_ips.is_empty()
         && !principal.allowed_ips.iter().any(|n| n.contains(client_ip))
@@ -429,7 +394,7 @@ async fn decide(
             Some(principal),
         ));
     }
-    if let Access::Scope(scope) = access
+    if let Some(scope) = scope
         && !principal.has(scope)
     {
         return Err(Refusal::new(
@@ -439,6 +404,19 @@ async fn decide(
         ));
     }
     Ok(principal)
+}
+
+/// Who presents the request's credential (everybody is the same principal when
+/// authentication is off).
+async fn principal(
+    state: &AppState,
+    headers: &HeaderMap,
+    call: &Call<'_>,
+) -> Result<Arc<Principal>, Refusal> {
+    match state.config().auth_mode {
+        AuthMode::Open => Ok(Arc::clone(state.open_principal())),
+        AuthMode::Keys => authenticate(state, headers, call).await,
+    }
 }
 
 /// The credential's principal, from the sources in SPEC §8 order, first match wins:

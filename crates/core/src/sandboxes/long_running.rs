@@ -187,8 +187,9 @@ impl SandboxManager {
         Ok((pid, events))
     }
 
-    /// The environment of a started command: the base, the sandbox's, the
-    /// request's (each overriding the one before).
+    /// The environment of a program run in a sandbox (exec, code cell, started
+    /// command): the base, the sandbox's, the request's (each overriding the
+    /// one before).
     pub(super) fn process_env(
         &self,
         live: &Live,
