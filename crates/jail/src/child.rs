@@ -1,11 +1,14 @@
 //! What runs between `clone` and `execve`.
 //!
-//! The server is multi-threaded, so the cloned child may not allocate or take any
-//! lock another thread could have held at the moment of the clone, nor call a C
-//! library function that assumes it knows the process's threads (the set*id
-//! family): raw system calls instead. Everything it needs — paths, mount options, file contents, argv, envp, the seccomp program —
-//! is prepared by the parent as a [`Plan`], and the child only reads it and makes
-//! system calls. Failures are reported on a pipe as a fixed-size record.
+//! The clone is made by the [`zygote`](crate::zygote), a single-threaded copy
+//! of the server, but the discipline is the one a child of a multi-threaded
+//! process needs, and it is kept: the child does not allocate or take any lock,
+//! nor call a C library function that assumes it knows the process's threads
+//! (the set*id family): raw system calls instead. Everything it needs — paths,
+//! mount options, file contents, argv, envp, the seccomp program — is prepared by
+//! the server as a [`Plan`] (rebuilt by the zygote from its wire form), and the
+//! child only reads it and makes system calls. Failures are reported on a pipe as
+//! a fixed-size record.
 
 use std::ffi::{CStr, CString};
 use std::os::raw::{c_char, c_int, c_ulong, c_void};
@@ -57,9 +60,9 @@ pub(crate) struct Plan {
     pub gid: u32,
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
     pub filter: Vec<libc::sock_filter>,
-    /// Kept alive for the pointers in `argv_ptrs` and `envp_ptrs`.
+    /// Kept alive for the pointers in `argv_ptrs` and `envp_ptrs` (and sent to
+    /// the zygote as strings).
     pub argv: Vec<CString>,
-    #[expect(dead_code, reason = "owns the strings `envp_ptrs` points to")]
     pub envp: Vec<CString>,
     pub argv_ptrs: Vec<*const c_char>,
     pub envp_ptrs: Vec<*const c_char>,
@@ -67,6 +70,22 @@ pub(crate) struct Plan {
     /// A ready network namespace to join, or -1 to bring up the one of the clone.
     pub netns: c_int,
     pub mode: Mode,
+    /// A pidfd of the process that clones the child (the zygote), or -1: the
+    /// child checks that its parent still lives once its parent-death signal is
+    /// set, so that a parent dying just before cannot leave it unattached.
+    pub parent: c_int,
+}
+
+impl Plan {
+    /// The NULL-terminated array of pointers `execve` takes, into `strings`
+    /// (which must outlive it: the plan keeps both).
+    pub(crate) fn pointers(strings: &[CString]) -> Vec<*const c_char> {
+        strings
+            .iter()
+            .map(|s| s.as_ptr())
+            .chain(std::iter::once(ptr::null()))
+            .collect()
+    }
 }
 
 /// What the cloned child is for.
@@ -278,17 +297,31 @@ unsafe fn prologue(plan: &Plan) {
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
-        // If the server dies, so does the jail. Nobody may read our memory (it is
-        // a copy of the server's).
+        // If the zygote dies (it dies with the server), so does the jail. Nobody
+        // may read our memory (it is a copy of the zygote's, so of the server's).
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
 
-        // Wait until the parent has put us in our cgroups.
+        // Wait until the server has put us in our cgroups.
         let mut byte = 0u8;
         if libc::read(plan.fds.go, ptr::from_mut(&mut byte).cast(), 1) != 1 {
             fail(report, Stage::Go as i32);
         }
         libc::close(plan.fds.go);
+
+        // A parent that died before the parent-death signal was set did not
+        // send it: then stop here. (getppid cannot tell: it is 0 in a new PID
+        // namespace.) A pidfd is readable once its process has exited.
+        if plan.parent >= 0 {
+            let mut pfd = libc::pollfd {
+                fd: plan.parent,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            if libc::poll(&mut pfd, 1, 0) != 0 {
+                fail(report, Stage::Go as i32);
+            }
+        }
     }
 }
 

@@ -94,16 +94,7 @@ fn components(path: &str) -> Vec<&str> {
 
 impl Sandbox {
     pub(crate) fn root_fd(&self) -> io::Result<OwnedFd> {
-        let path = cstr(&format!("/proc/{}/root", self.init_pid()))?;
-        // SAFETY: opens a path from a live C string; the fd is owned below.
-        let fd = check(unsafe {
-            libc::open(
-                path.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        })?;
-        // SAFETY: a fresh fd nobody else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        self.open_proc_of_init("root", libc::O_PATH | libc::O_DIRECTORY)
     }
 
     /// Opens `path` relative to `dir`, never leaving the sandbox's root.

@@ -10,9 +10,16 @@
 //! program exits, whatever it left running is killed with it; nothing outlives the
 //! call, not even the cgroups.
 //!
-//! The layers, parent side first:
-//! - [`Jail`] (here): prepares a [`child::Plan`], clones, joins the child to its
-//!   cgroups, feeds stdin and collects output until the end or a limit.
+//! The layers, server side first:
+//! - [`Jail`] (here): prepares a [`child::Plan`], has the zygote clone it, joins
+//!   the child to its cgroups, feeds stdin and collects output until the end or
+//!   a limit.
+//! - [`zygote`]: the small single-threaded process, forked once from the server
+//!   (at the first [`Jail::new`], or earlier with [`start_zygote`]), that makes
+//!   every clone — each jail's init and each exec's helper — so that the large,
+//!   multi-threaded server never does (a clone would make its memory
+//!   copy-on-write). It is the parent of them all; the server holds a pidfd of
+//!   each, and all of them die with the server.
 //! - [`child`]: the code between `clone` and `execve`, allocation-free.
 //! - [`sandbox`]: long-lived sandboxes — an init that stays up, and programs run
 //!   inside it by joining its namespaces ([`Jail::create_sandbox`], [`Jail::exec`]).
@@ -37,10 +44,12 @@ mod files;
 mod layer;
 mod netns;
 mod sandbox;
+mod zygote;
 
 pub use files::{DirEntry, Entry, FileContent, FsUser, Link, MAX_LIST_DEPTH, NewFile, PathInfo};
 pub use layer::{CaptureError, CaptureLimits, CaptureReport};
 pub use sandbox::{ProgramEnd, Sandbox, Spawned};
+pub use zygote::start as start_zygote;
 mod seccomp;
 
 use cgroup::{Cgroups, GroupLimits};
@@ -224,6 +233,9 @@ impl Jail {
         fs::set_permissions(&config.runtime_dir, fs::Permissions::from_mode(0o700))?;
         let cgroups = Cgroups::detect(&config.cgroup_name)?;
         cgroups.sweep();
+        // Every clone is made by the zygote: start it before this process
+        // grows further (a no-op when it runs already).
+        zygote::start()?;
         let mut top_level = Vec::new();
         for dir in HOST_TOP_LEVEL {
             let path = Path::new(dir);
@@ -288,32 +300,11 @@ impl Jail {
             netns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
             Mode::OneShot,
         )?;
-        let flags = namespace_flags(netns.is_none());
-        // SAFETY: a fork-like clone (no shared VM, no new stack). The child runs only
-        // `child::init`, which neither allocates nor returns.
-        let pid = unsafe {
-            libc::syscall(
-                libc::SYS_clone,
-                (flags | libc::SIGCHLD) as libc::c_ulong,
-                0,
-                0,
-                0,
-                0,
-            )
-        };
-        if pid < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if pid == 0 {
-            // SAFETY: we are the clone's child with the namespaces above.
-            unsafe { child::init(&plan) };
-        }
-        let pid = pid as libc::pid_t;
+        let mut child = zygote::clone(&plan, namespace_flags(netns.is_none()))?;
         let started = Instant::now();
         let ends = pipes.into_server_ends();
-        let mut child = Child { pid, reaped: false };
 
-        group.attach(pid)?;
+        group.attach(child.pid)?;
         write_all(&ends.go, b"g")?;
         drop(ends.go);
 
@@ -350,7 +341,7 @@ impl Jail {
                 break;
             }
         }
-        let status = child.wait()?;
+        child.wait()?;
         let duration = started.elapsed();
         let reports = streams.reports();
         if let Some(r) = reports.iter().find(|r| r.kind == Report::SETUP_FAILED) {
@@ -358,6 +349,9 @@ impl Jail {
         }
         let (exit_code, signal) = program_end(&reports);
         if exit_code.is_none() && signal.is_none() && ended_by.is_none() {
+            let status = child
+                .exit_status()
+                .map_or_else(|| "unknown".to_owned(), |s| s.to_string());
             return Err(io::Error::other(format!(
                 "the jail's init ended without a report (wait status {status})"
             )));
@@ -686,12 +680,6 @@ impl Jail {
                 cstr(format!("{k}={v}").as_bytes())
             })
             .collect::<io::Result<Vec<_>>>()?;
-        let pointers = |v: &[CString]| {
-            v.iter()
-                .map(|s| s.as_ptr())
-                .chain(std::iter::once(std::ptr::null()))
-                .collect::<Vec<_>>()
-        };
         let cwd = if spec.cwd.is_empty() {
             "/workspace"
         } else {
@@ -710,13 +698,15 @@ impl Jail {
                 (libc::RLIMIT_CORE, 0),
             ],
             filter: self.filter.clone(),
-            argv_ptrs: pointers(&argv),
-            envp_ptrs: pointers(&envp),
+            argv_ptrs: Plan::pointers(&argv),
+            envp_ptrs: Plan::pointers(&envp),
             argv,
             envp,
             fds,
             netns,
             mode,
+            // Set by the zygote, which is the parent.
+            parent: -1,
         })
     }
 }
@@ -878,46 +868,105 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// The jail's init process, killed and reaped whatever happens.
+/// A process the zygote cloned for this server (a jail's init, an exec's
+/// helper), killed, waited for and released whatever happens.
+///
+/// The zygote is its parent and keeps it, once exited, as a zombie until this
+/// value is dropped (see [`zygote`]): until then its pid names this process and
+/// no other, as for a child of our own.
 #[derive(Debug)]
 pub(crate) struct Child {
     pub(crate) pid: libc::pid_t,
-    pub(crate) reaped: bool,
+    /// Refers to the process whatever becomes of its pid; readable once it has
+    /// exited.
+    pidfd: OwnedFd,
+    /// The zygote that cloned it, which reaps it when it is released.
+    generation: u64,
+    /// Seen exited.
+    exited: bool,
 }
 
 impl Child {
-    /// Killing the PID namespace's init kills every process in the namespace.
-    pub(crate) fn kill(&self) {
-        if !self.reaped {
-            // SAFETY: our own unreaped child: the pid cannot have been reused.
-            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+    pub(crate) fn new(pid: libc::pid_t, pidfd: OwnedFd, generation: u64) -> Child {
+        Child {
+            pid,
+            pidfd,
+            generation,
+            exited: false,
         }
     }
 
-    pub(crate) fn wait(&mut self) -> io::Result<i32> {
-        let mut status = 0;
-        loop {
-            // SAFETY: waits for our own child.
-            let r = unsafe { libc::waitpid(self.pid, &mut status, libc::__WALL) };
-            if r == self.pid {
-                self.reaped = true;
-                return Ok(status);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                self.reaped = true;
-                return Err(e);
+    /// Killing the PID namespace's init kills every process in the namespace.
+    pub(crate) fn kill(&self) {
+        if !self.exited {
+            // SAFETY: pidfd_send_signal on a pidfd we own; no memory effects.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    self.pidfd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+        }
+    }
+
+    /// Waits until the process has exited. The init of a PID namespace exits
+    /// only once every other process of its namespace has.
+    pub(crate) fn wait(&mut self) -> io::Result<()> {
+        while !self.exited {
+            let mut pfd = libc::pollfd {
+                fd: self.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one live pollfd; a pidfd is readable once its process exited.
+            let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if r > 0 {
+                self.exited = true;
+            } else if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
             }
         }
+        Ok(())
+    }
+
+    pub(crate) fn pidfd(&self) -> &OwnedFd {
+        &self.pidfd
+    }
+
+    /// Whether the process has exited, without waiting.
+    pub(crate) fn has_exited(&mut self) -> bool {
+        if !self.exited && zygote::readable(&self.pidfd) {
+            self.exited = true;
+        }
+        self.exited
+    }
+
+    /// The wait status of the exited process, as its zombie tells it
+    /// (`/proc/<pid>/stat`, last field), for error messages.
+    pub(crate) fn exit_status(&self) -> Option<i32> {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        stat.rsplit(')')
+            .next()?
+            .split_whitespace()
+            .last()?
+            .parse()
+            .ok()
     }
 }
 
 impl Drop for Child {
     fn drop(&mut self) {
-        if !self.reaped {
+        if !self.exited {
             self.kill();
             let _ = self.wait();
         }
+        zygote::release(self.generation, self.pid);
     }
 }
 

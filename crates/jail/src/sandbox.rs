@@ -3,11 +3,18 @@
 //!
 //! [`Jail::create_sandbox`] builds the jail as a one-shot run does, but its init
 //! reports ready and then only reaps. [`Jail::exec`] runs a program inside: a
-//! plain clone of the server joins the sandbox's namespaces and cgroups (as
-//! `nsenter` would) and forks the program, which is set up exactly like a one-shot
-//! program (uid, capabilities, no_new_privs, seccomp, rlimits). Background
-//! processes an exec leaves keep running until the sandbox is killed; killing the
-//! sandbox's init ends them all.
+//! helper (a plain clone made by the [`zygote`](crate::zygote), like every clone
+//! of the jail) joins the sandbox's namespaces and cgroups (as `nsenter` would)
+//! and forks the program, which is set up exactly like a one-shot program (uid,
+//! capabilities, no_new_privs, seccomp, rlimits). Background processes an exec
+//! leaves keep running until the sandbox is killed; killing the sandbox's init
+//! ends them all.
+//!
+//! Inits and helpers are children of the zygote, whose one thread lives as long
+//! as the server: their parent-death signal fires when the server dies (the
+//! zygote dies with it), never when a server thread ends, so a sandbox outlives
+//! the request (and the thread) that created it, and a started program's helper
+//! outlives the thread that started it.
 
 use std::fs::File;
 use std::io;
@@ -19,7 +26,7 @@ use crate::cgroup::{Group, GroupLimits};
 use crate::child::{self, Mode, Report};
 use crate::{
     Child, Jail, Outcome, OutputStream, Pipes, RUN_SEQ, Spec, Status, Streams, namespace_flags,
-    outcome, program_end, setup_error, write_all,
+    outcome, program_end, setup_error, write_all, zygote,
 };
 
 /// The priority of a sandbox's init (setup and teardown work), 19 the lowest.
@@ -110,12 +117,8 @@ impl Jail {
             netns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
             Mode::SandboxInit,
         )?;
-        let pid = spawner::clone_init(&plan, namespace_flags(netns.is_none()))?;
+        let mut init = zygote::clone(&plan, namespace_flags(netns.is_none()))?;
         let ends = pipes.into_server_ends();
-        let init = Child {
-            pid: pid as libc::pid_t,
-            reaped: false,
-        };
         // Building and tearing down a sandbox is background work (warm pools):
         // the init runs at a low priority, so that programs already running keep
         // the CPU. What runs inside is started by the server, at its priority.
@@ -135,20 +138,24 @@ impl Jail {
         }
         let ns = NAMESPACES.map(|n| File::open(format!("/proc/{}/ns/{n}", init.pid)));
         let [a, b, c, d, e, f] = ns;
-        Ok((
-            init,
-            [
-                a?.into(),
-                b?.into(),
-                c?.into(),
-                d?.into(),
-                e?.into(),
-                f?.into(),
-            ],
-        ))
+        let ns = [
+            a?.into(),
+            b?.into(),
+            c?.into(),
+            d?.into(),
+            e?.into(),
+            f?.into(),
+        ];
+        // The pid names the init for as long as the zygote keeps it (alive or
+        // a zombie); a zygote that died meanwhile kept nothing, but then an
+        // init still alive after the opens is the process that was opened.
+        if init.has_exited() {
+            return Err(io::Error::other("the sandbox's init died while starting"));
+        }
+        Ok((init, ns))
     }
 
-    /// Starts `spec`'s program inside `sandbox`: a plain clone of the server
+    /// Starts `spec`'s program inside `sandbox`: a helper cloned by the zygote
     /// joins the sandbox's namespaces and cgroups (as `nsenter` would) and forks
     /// the program. The helper, the server's end of the program's stdin, its
     /// readers (stdout, stderr, result, report), and the sandbox's cgroup.
@@ -163,21 +170,8 @@ impl Jail {
         let pipes = Pipes::new()?;
         let ns = sandbox.ns.each_ref().map(AsRawFd::as_raw_fd);
         let plan = self.finish_plan(spec, Vec::new(), pipes.child_fds(), -1, Mode::Enter(ns))?;
-        // SAFETY: a plain fork-like clone; the child runs only `child::enter`.
-        let pid =
-            unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0) };
-        if pid < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if pid == 0 {
-            // SAFETY: we are a plain clone's child; the plan's mode is Enter.
-            unsafe { child::enter(&plan) };
-        }
+        let helper = zygote::clone(&plan, 0)?;
         let ends = pipes.into_server_ends();
-        let helper = Child {
-            pid: pid as libc::pid_t,
-            reaped: false,
-        };
         group.attach(helper.pid)?;
         write_all(&ends.go, b"g")?;
         Ok(Entered {
@@ -458,16 +452,29 @@ impl Sandbox {
 
     /// Whether the sandbox still runs (its init has not died).
     pub fn is_alive(&mut self) -> bool {
-        if self.init.reaped {
-            return false;
+        !self.init.has_exited()
+    }
+
+    /// Opens `/proc/<init>/<what>` (with `open`'s `flags`), making sure that
+    /// what was opened is the init's even if its zygote died (and its pid was
+    /// freed): the init is still alive after the open.
+    pub(crate) fn open_proc_of_init(&self, what: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
+        let path = std::ffi::CString::new(format!("/proc/{}/{what}", self.init.pid))
+            .map_err(|_| crate::invalid("a /proc path contains NUL"))?;
+        // SAFETY: opens a path from a live C string; the fd is owned below.
+        let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
         }
-        let mut status = 0;
-        // SAFETY: a non-blocking wait for our own child.
-        let r = unsafe { libc::waitpid(self.init.pid, &mut status, libc::WNOHANG | libc::__WALL) };
-        if r == self.init.pid {
-            self.init.reaped = true;
+        // SAFETY: a fresh fd nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if zygote::readable(self.init.pidfd()) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the sandbox has ended",
+            ));
         }
-        !self.init.reaped
+        Ok(fd)
     }
 
     /// CPU time used by everything ever run inside.
@@ -610,84 +617,4 @@ fn read_report(fd: &OwnedFd, timeout: Duration) -> io::Result<Option<Report>> {
         }
     }
     Ok(Some(Report::from_bytes(&buf)))
-}
-
-/// The thread that clones sandbox inits.
-///
-/// A child's parent-death signal fires when the *thread* that created it exits,
-/// and the server's blocking threads come and go. A sandbox outlives the request
-/// that created it, so its init is cloned by one thread that lives as long as the
-/// process: the init then dies with the server, never with a pool thread.
-mod spawner {
-    use std::io;
-    use std::sync::mpsc::{Sender, channel};
-    use std::sync::{Mutex, OnceLock};
-
-    use crate::child::{self, Plan};
-
-    /// A plan's address, handed to the spawner thread while its owner waits.
-    struct Job {
-        plan: *const Plan,
-        flags: libc::c_int,
-        reply: Sender<io::Result<libc::pid_t>>,
-    }
-
-    // SAFETY: the plan is only read, and its owner blocks until the reply comes.
-    unsafe impl Send for Job {}
-
-    static JOBS: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
-
-    fn jobs() -> &'static Mutex<Sender<Job>> {
-        JOBS.get_or_init(|| {
-            let (tx, rx) = channel::<Job>();
-            std::thread::Builder::new()
-                .name("sandgate-spawner".into())
-                .spawn(move || {
-                    for job in rx {
-                        // SAFETY: a fork-like clone; the child runs only
-                        // `child::init` on the plan, which the owner keeps alive.
-                        let pid = unsafe {
-                            libc::syscall(
-                                libc::SYS_clone,
-                                (job.flags | libc::SIGCHLD) as libc::c_ulong,
-                                0,
-                                0,
-                                0,
-                                0,
-                            )
-                        };
-                        if pid == 0 {
-                            // SAFETY: the clone's child, with the plan's namespaces.
-                            unsafe { child::init(&*job.plan) };
-                        }
-                        let result = if pid < 0 {
-                            Err(io::Error::last_os_error())
-                        } else {
-                            Ok(pid as libc::pid_t)
-                        };
-                        let _ = job.reply.send(result);
-                    }
-                })
-                .expect("spawn the sandbox spawner thread");
-            Mutex::new(tx)
-        })
-    }
-
-    /// Clones a sandbox init from the long-lived spawner thread.
-    pub(super) fn clone_init(plan: &Plan, flags: libc::c_int) -> io::Result<libc::pid_t> {
-        let (reply, answer) = channel();
-        let job = Job {
-            plan: std::ptr::from_ref(plan),
-            flags,
-            reply,
-        };
-        jobs()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(job)
-            .map_err(|_| io::Error::other("the sandbox spawner thread is gone"))?;
-        answer
-            .recv()
-            .map_err(|_| io::Error::other("the sandbox spawner thread is gone"))?
-    }
 }
