@@ -82,6 +82,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         .with(filter)
         .init();
 
+    // Before the runtime and the stores exist: the jail's zygote is a copy of
+    // this process as it is now.
+    sandgate_core::execute::start_jail_zygote();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

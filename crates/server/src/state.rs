@@ -186,6 +186,15 @@ impl AppState {
     /// Opens the embedded store in the data dir, loads every key, starts the audit writer.
     /// Must be called inside a tokio runtime.
     pub async fn open(config: ServerConfig) -> Result<AppState, StoreError> {
+        // First: the jail forks its zygote (the process that makes every jail's
+        // clones, a copy of this one) at its first start; the smaller this
+        // process is then, the smaller the copy.
+        let jail = sandgate_jail::Jail::new(config.jail.clone())
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
+        if let Err(e) = &jail {
+            tracing::warn!(error = %e, "programs cannot be jailed here: runs and sandboxes will fail");
+        }
         let store = SqliteStore::open(&config.data_dir)?;
         let key_store: Arc<dyn KeyStore> = Arc::new(store.clone());
         let audit_store: Arc<dyn AuditStore> = Arc::new(store.clone());
@@ -212,12 +221,6 @@ impl AppState {
             if auth_callback.is_some() {
                 tracing::warn!("auth mode none: the auth callback is ignored");
             }
-        }
-        let jail = sandgate_jail::Jail::new(config.jail.clone())
-            .map(Arc::new)
-            .map_err(|e| e.to_string());
-        if let Err(e) = &jail {
-            tracing::warn!(error = %e, "programs cannot be jailed here: runs and sandboxes will fail");
         }
         let executor = Executor::new(config.exec_limits.clone(), jail.clone());
         let templates = TemplateService::start(

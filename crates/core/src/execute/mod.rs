@@ -251,6 +251,15 @@ pub fn validate_env(
         .collect()
 }
 
+/// Forks the jail's zygote (the small process that makes every clone of the
+/// jail, see `sandgate_jail`) now, while this process is still small: a server
+/// calls it first thing, before its runtime and stores grow, since the zygote is
+/// a copy of the process as it is then. Does nothing where programs cannot be
+/// jailed (not root); any error is left for `Jail::new` to report.
+pub fn start_jail_zygote() {
+    let _ = sandgate_jail::start_zygote();
+}
+
 /// Runs programs, at most `max_concurrent` at once.
 #[derive(Debug)]
 pub struct Executor {
