@@ -50,7 +50,7 @@ pub(crate) enum Op {
     },
 }
 
-/// Everything the child needs, prepared by the parent.
+/// Everything the child needs, prepared by the server.
 #[derive(Debug)]
 pub(crate) struct Plan {
     pub ops: Vec<Op>,
@@ -228,7 +228,7 @@ fn opt_ptr(s: &Option<CString>) -> *const c_char {
 ///
 /// # Safety
 /// Must be called only in the child of a `clone` with new mount, PID, network, IPC
-/// and UTS namespaces, once, with a plan prepared by the parent.
+/// and UTS namespaces, once, with a plan prepared by the server.
 pub(crate) unsafe fn init(plan: &Plan) -> ! {
     let report = plan.fds.report;
     // SAFETY: (whole function) only system calls on memory owned by `plan` or the
@@ -278,8 +278,9 @@ pub(crate) unsafe fn init(plan: &Plan) -> ! {
     }
 }
 
-/// Signal state, parent-death signal, non-dumpable, and the wait for the parent's
-/// go (sent once the child is in its cgroups).
+/// Signal state, parent-death signal, non-dumpable, the wait for the server's
+/// go (sent once the child is in its cgroups), and the check that the parent
+/// (the zygote) still lives.
 ///
 /// # Safety
 /// Child only.
