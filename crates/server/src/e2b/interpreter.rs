@@ -25,7 +25,6 @@ use sandgate_core::principal::Principal;
 use sandgate_core::sandboxes::{
     CellEvent, CellRequest, ContextError, ContextInfo, ContextLanguage, ContextTarget, SandboxError,
 };
-use sandgate_core::store::QuotaExhausted;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -122,16 +121,9 @@ fn target_of(req: &mut ExecuteCell) -> ApiResult<ContextTarget> {
 
 /// One execution from the caller's quota, or the SPEC's refusal.
 async fn take_execution(state: &AppState, caller: &Principal) -> ApiResult<()> {
-    match state.keys().consume_execution(caller).await {
-        Ok(_) => {
-            state.usage().execution(caller, 0);
-            Ok(())
-        }
-        Err(QuotaExhausted::Exhausted) => {
-            Err(crate::handlers::execute::refuse_for_quota(state, caller).await)
-        }
-        Err(QuotaExhausted::Store(e)) => Err(e.into()),
-    }
+    crate::handlers::execute::take_execution(state, caller).await?;
+    state.usage().execution(caller, 0);
+    Ok(())
 }
 
 /// `POST /execute`: one cell, its output streamed.

@@ -22,7 +22,6 @@ use sandgate_core::processes::{
     ProcessConfig, ProcessError, ProcessEvent, ProcessExit, ProcessTable, Signal,
 };
 use sandgate_core::sandboxes::{SandboxError, StartProcess};
-use sandgate_core::store::QuotaExhausted;
 use sandgate_jail::OutputStream;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -268,16 +267,12 @@ pub async fn start(
         Ok(p) => p,
         Err(e) => return stream_error(&rpc_of_sandbox(e)),
     };
-    match state.keys().consume_execution(&caller).await {
-        Ok(_) => {}
-        Err(QuotaExhausted::Exhausted) => {
-            let refused = crate::handlers::execute::refuse_for_quota(&state, &caller).await;
-            return stream_error(&RpcError::new("resource_exhausted", refused.message()));
-        }
-        Err(QuotaExhausted::Store(e)) => {
-            tracing::error!(error = %e, "could not take an execution");
-            return stream_error(&RpcError::internal());
-        }
+    if let Err(refused) = crate::handlers::execute::take_execution(&state, &caller).await {
+        let code = match refused.status().as_u16() {
+            429 => "resource_exhausted",
+            _ => "internal",
+        };
+        return stream_error(&RpcError::new(code, refused.message()));
     }
     // Its CPU time is billed with the sandbox's, to the sandbox's creator.
     state.usage().sandbox_execution(&caller);

@@ -37,11 +37,7 @@ pub async fn execute(
         tracing::warn!(slots = busy.0, "run refused: every run slot stayed busy");
         ApiError::server_busy(1)
     })?;
-    let left = match state.keys().consume_execution(&caller).await {
-        Ok(left) => left,
-        Err(QuotaExhausted::Exhausted) => return Err(refuse_for_quota(&state, &caller).await),
-        Err(QuotaExhausted::Store(e)) => return Err(e.into()),
-    };
+    let left = take_execution(&state, &caller).await?;
     let mut response = executor.run(slot, run).await.map_err(|e| match e {
         ExecError::Unavailable(why) => ApiError::internal(why),
         ExecError::Jail(e) => ApiError::internal(e),
@@ -50,6 +46,16 @@ pub async fn execute(
     state.usage().execution(&caller, response.cpu_ms);
     state.metrics().execution(response.status);
     Ok(Json(response))
+}
+
+/// One execution taken from the caller's quota before a run starts (what is
+/// left, when the key has a limit), or the SPEC's refusal when none is left.
+pub async fn take_execution(state: &AppState, caller: &Principal) -> ApiResult<Option<u64>> {
+    match state.keys().consume_execution(caller).await {
+        Ok(left) => Ok(left),
+        Err(QuotaExhausted::Exhausted) => Err(refuse_for_quota(state, caller).await),
+        Err(QuotaExhausted::Store(e)) => Err(e.into()),
+    }
 }
 
 /// A run refused because the key's executions are used up: `quota.exceeded` is

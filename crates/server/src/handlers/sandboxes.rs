@@ -14,7 +14,6 @@ use sandgate_core::sandboxes::{
     CodeRequest, CreateSandboxRequest, ExecRequest, ListFilter, PreparedExec, SandboxState,
     SandboxView, Stream, TimeoutRequest,
 };
-use sandgate_core::store::QuotaExhausted;
 use sandgate_jail::FileContent;
 use schemars::JsonSchema;
 use serde::Serialize;
@@ -177,13 +176,7 @@ async fn run_prepared(
     prepared: PreparedExec,
     headers: &HeaderMap,
 ) -> ApiResult<Response> {
-    let left = match state.keys().consume_execution(&caller).await {
-        Ok(left) => left,
-        Err(QuotaExhausted::Exhausted) => {
-            return Err(super::execute::refuse_for_quota(&state, &caller).await);
-        }
-        Err(QuotaExhausted::Store(e)) => return Err(e.into()),
-    };
+    let left = super::execute::take_execution(&state, &caller).await?;
     let streaming = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
