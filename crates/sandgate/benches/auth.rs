@@ -12,8 +12,15 @@
 //! 3. Times `KeyService::verify` of a stored key held in the memory cache (format
 //!    check, CRC32, SHA-256, map lookup) and one `RateLimiter::check`, in a loop.
 //!
+//! The scenarios take turns: the measured time of each is cut into rounds, and every
+//! round runs every scenario once (fresh connections, a short warm-up, a slice of
+//! the measured time), so a machine that is busier for a few seconds weighs on all
+//! of them alike instead of on whichever was running; a scenario's figures are the
+//! sum of its slices.
+//!
 //! Settings (environment): `SANDGATE_BENCH_SECS` measured seconds per scenario (5),
-//! `SANDGATE_BENCH_WARMUP_SECS` (2), `SANDGATE_BENCH_CONC` connections (32),
+//! `SANDGATE_BENCH_ROUNDS` slices they are cut into (5), `SANDGATE_BENCH_WARMUP_SECS`
+//! warm-up before each slice (0.5), `SANDGATE_BENCH_CONC` connections (32),
 //! `SANDGATE_BENCH_ITERS` micro-benchmark iterations (200000).
 //!
 //! The load generator runs on one thread in this same process, so on a small machine
@@ -48,10 +55,12 @@ const NEVER_REFUSING: RateLimit = RateLimit {
 fn main() -> ExitCode {
     let settings = Settings::from_env();
     println!(
-        "sandgate auth benchmark: {} connections, {:?} warm-up + {:?} measured per scenario, {} CPUs",
+        "sandgate auth benchmark: {} connections, {:?} measured per scenario in {} rounds \
+         (each slice after a {:?} warm-up), {} CPUs",
         settings.concurrency,
-        settings.warmup,
         settings.measure,
+        settings.rounds,
+        settings.warmup,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
 
@@ -127,13 +136,16 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("load generator runtime");
-    let results: Vec<Measured> = scenarios
-        .iter()
-        .map(|s| {
-            println!("running {} ...", s.name);
-            load.block_on(measure(server.addr, s, &settings))
-        })
-        .collect();
+    let mut results: Vec<Measured> = scenarios.iter().map(|_| Measured::default()).collect();
+    for round in 1..=settings.rounds {
+        println!("round {round} of {} ...", settings.rounds);
+        for (s, total) in scenarios.iter().zip(&mut results) {
+            total.merge(load.block_on(measure(server.addr, s, &settings)));
+        }
+    }
+    for r in &mut results {
+        r.latencies_ns.sort_unstable();
+    }
     drop(load);
     server.stop();
 
@@ -198,8 +210,11 @@ fn main() -> ExitCode {
 
 #[derive(Debug)]
 struct Settings {
+    /// Before each slice.
     warmup: Duration,
+    /// Per scenario, all rounds together.
     measure: Duration,
+    rounds: u32,
     concurrency: usize,
     iterations: u64,
 }
@@ -216,8 +231,9 @@ impl Settings {
             }
         }
         Settings {
-            warmup: Duration::from_secs_f64(var("SANDGATE_BENCH_WARMUP_SECS", 2.0)),
+            warmup: Duration::from_secs_f64(var("SANDGATE_BENCH_WARMUP_SECS", 0.5)),
             measure: Duration::from_secs_f64(var("SANDGATE_BENCH_SECS", 5.0)),
+            rounds: var("SANDGATE_BENCH_ROUNDS", 5u32).max(1),
             concurrency: var("SANDGATE_BENCH_CONC", 32usize).max(1),
             iterations: var("SANDGATE_BENCH_ITERS", 200_000u64).max(1),
         }
@@ -323,8 +339,11 @@ struct Measured {
 }
 
 impl Measured {
+    /// Adds another connection's or slice's figures (the measured time is the
+    /// caller's: connections of one slice share theirs).
     fn merge(&mut self, other: Measured) {
         self.requests += other.requests;
+        self.measured += other.measured;
         self.latencies_ns.extend(other.latencies_ns);
         for (status, (count, body)) in other.statuses {
             self.statuses.entry(status).or_insert((0, body)).0 += count;
@@ -364,10 +383,12 @@ impl Measured {
     }
 }
 
-/// Warm-up, then the measured interval, on `settings.concurrency` connections.
+/// Warm-up, then one round's slice of the measured time, on `settings.concurrency`
+/// connections.
 async fn measure(addr: SocketAddr, scenario: &Scenario, settings: &Settings) -> Measured {
+    let slice = settings.measure / settings.rounds;
     let warm_end = Instant::now() + settings.warmup;
-    let end = warm_end + settings.measure;
+    let end = warm_end + slice;
     let tasks: Vec<_> = (0..settings.concurrency)
         .map(|_| {
             tokio::spawn(connection(
@@ -378,14 +399,11 @@ async fn measure(addr: SocketAddr, scenario: &Scenario, settings: &Settings) -> 
             ))
         })
         .collect();
-    let mut total = Measured {
-        measured: settings.measure,
-        ..Measured::default()
-    };
+    let mut total = Measured::default();
     for task in tasks {
         total.merge(task.await.expect("connection task"));
     }
-    total.latencies_ns.sort_unstable();
+    total.measured = slice;
     total
 }
 
