@@ -17,6 +17,7 @@ use crate::model::{
 };
 use crate::usage::{UsageQuery, UsageRow};
 
+pub mod audit_batch;
 pub mod sqlite;
 
 pub use sqlite::SqliteStore;

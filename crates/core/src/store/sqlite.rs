@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
+use super::audit_batch::{self, push_varint};
 use super::{
     AuditStore, Changes, KeyStore, KeyUsage, QuotaChange, QuotaExhausted, StoreError, UsageStore,
     WebhookStore,
@@ -201,6 +202,16 @@ DROP INDEX audit_log_tenant;
 DROP INDEX audit_log_key;
 CREATE INDEX audit_index_tenant ON audit_index (tenant, env, last_seq);
 CREATE INDEX audit_index_key ON audit_index (key_id, last_seq);
+"#,
+    // Authentication attempts a batch per row (see `audit_batch`): one insertion per
+    // write instead of one per attempt. Lifecycle events stay rows of `audit_log`;
+    // seqs are one sequence over both tables, given out by `next_audit_seq`.
+    r#"
+CREATE TABLE audit_batches (
+    first_seq INTEGER PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    rows BLOB NOT NULL
+);
 "#,
 ];
 
@@ -415,16 +426,20 @@ fn query_keys(
 }
 
 fn insert_audit(tx: &Transaction<'_>, rows: &[AuditRecord]) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
     let mut stmt = tx
         .prepare_cached(
-            "INSERT INTO audit_log (time, event, client_ip, method, path, key_id, key_prefix, \
+            "INSERT INTO audit_log (seq, time, event, client_ip, method, path, key_id, key_prefix, \
              actor_key_id, tenant, env, outcome, reason, request_id) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )
         .map_err(db)?;
     let mut index = AuditIndex::default();
-    for a in rows {
+    for (seq, a) in (next_audit_seq(tx)?..).zip(rows) {
         stmt.execute(params![
+            seq,
             a.time.millis(),
             a.event,
             a.client_ip,
@@ -444,10 +459,22 @@ fn insert_audit(tx: &Transaction<'_>, rows: &[AuditRecord]) -> Result<(), StoreE
             a.tenant.as_deref(),
             a.env.map(Env::as_str),
             a.key_id.as_deref(),
-            tx.last_insert_rowid(),
+            seq,
         );
     }
     index.write(tx)
+}
+
+/// The seq the next audit row gets: one past the last of either table. Called
+/// inside the write transaction, so two processes never hand out the same one.
+fn next_audit_seq(tx: &Transaction<'_>) -> Result<i64, StoreError> {
+    tx.prepare_cached(
+        "SELECT max(coalesce((SELECT max(seq) FROM audit_log), 0), \
+         coalesce((SELECT last_seq FROM audit_batches ORDER BY first_seq DESC LIMIT 1), 0)) + 1",
+    )
+    .map_err(db)?
+    .query_row([], |r| r.get(0))
+    .map_err(db)
 }
 
 const QUOTA_COLUMNS: &str = "lim, remaining, refill_amount, refill_interval_sec, refilled_at";
@@ -470,52 +497,18 @@ fn decode_quota(r: &Row<'_>, at: usize) -> rusqlite::Result<QuotaRecord> {
 }
 
 fn insert_auth_attempts(tx: &Transaction<'_>, attempts: &[AuthAttempt]) -> Result<(), StoreError> {
-    let mut stmt = tx
-        .prepare_cached(
-            "INSERT INTO audit_log (time, event, client_ip, method, path, key_id, key_prefix, \
-             actor_key_id, tenant, env, outcome, reason, request_id) \
-             VALUES (?1, 'auth', ?2, ?3, ?4, ?5, ?6, NULL, ?7, ?8, ?9, ?10, ?11)",
-        )
+    if attempts.is_empty() {
+        return Ok(());
+    }
+    let first = next_audit_seq(tx)?;
+    let last = first + attempts.len() as i64 - 1;
+    tx.prepare_cached("INSERT INTO audit_batches (first_seq, last_seq, rows) VALUES (?1, ?2, ?3)")
+        .map_err(db)?
+        .execute(params![first, last, audit_batch::encode(attempts)])
         .map_err(db)?;
     let mut index = AuditIndex::default();
-    // A reset keeps the bindings, and consecutive attempts mostly differ only in
-    // their time and request id: the other columns are bound again only when they
-    // change (binding copies the text).
-    let mut prev: Option<&AuthAttempt> = None;
-    for a in attempts {
-        let changed =
-            |same: fn(&AuthAttempt, &AuthAttempt) -> bool| prev.is_none_or(|p| !same(p, a));
-        let env = a.env().map(Env::as_str);
-        stmt.raw_bind_parameter(1, a.time.millis()).map_err(db)?;
-        if changed(|p, a| p.client_ip == a.client_ip) {
-            stmt.raw_bind_parameter(2, a.client_ip.to_string())
-                .map_err(db)?;
-        }
-        if changed(|p, a| p.method == a.method) {
-            stmt.raw_bind_parameter(3, &*a.method).map_err(db)?;
-        }
-        if changed(|p, a| p.path == a.path) {
-            stmt.raw_bind_parameter(4, &*a.path).map_err(db)?;
-        }
-        if changed(|p, a| {
-            p.key_id() == a.key_id()
-                && p.key_prefix() == a.key_prefix()
-                && p.tenant() == a.tenant()
-                && p.env() == a.env()
-        }) {
-            stmt.raw_bind_parameter(5, a.key_id()).map_err(db)?;
-            stmt.raw_bind_parameter(6, a.key_prefix()).map_err(db)?;
-            stmt.raw_bind_parameter(7, a.tenant()).map_err(db)?;
-            stmt.raw_bind_parameter(8, env).map_err(db)?;
-        }
-        if changed(|p, a| p.outcome == a.outcome && p.reason == a.reason) {
-            stmt.raw_bind_parameter(9, a.outcome.as_str()).map_err(db)?;
-            stmt.raw_bind_parameter(10, a.reason).map_err(db)?;
-        }
-        stmt.raw_bind_parameter(11, &*a.request_id).map_err(db)?;
-        stmt.raw_execute().map_err(db)?;
-        index.add(a.tenant(), env, a.key_id(), tx.last_insert_rowid());
-        prev = Some(a);
+    for (seq, a) in (first..).zip(attempts) {
+        index.add(a.tenant(), a.env().map(Env::as_str), a.key_id(), seq);
     }
     index.write(tx)
 }
@@ -592,14 +585,6 @@ impl<'a> AuditIndex<'a> {
         }
         Ok(())
     }
-}
-
-fn push_varint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
 }
 
 /// The seqs of one index entry, in rising order.
@@ -911,10 +896,12 @@ const AUDIT_COLUMNS: &str = "seq, time, event, client_ip, method, path, key_id, 
      actor_key_id, tenant, env, outcome, reason, request_id";
 
 /// A listing straight from the rows, newest first, filtered as they come: for
-/// listings without a tenant or key filter, which no index would narrow.
+/// listings without a tenant or key filter, which no index would narrow. The two
+/// tables are read newest first side by side, and the newer head is taken.
 fn scan_audit(conn: &Connection, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
-    let mut sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_log WHERE 1 = 1");
-    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    let before = q.before_seq.unwrap_or(i64::MAX);
+    let mut sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq < ?1");
+    let mut args: Vec<rusqlite::types::Value> = vec![before.into()];
     let mut push = |clause: &str, v: rusqlite::types::Value| {
         args.push(v);
         sql.push_str(&format!(" AND {clause} ?{}", args.len()));
@@ -932,17 +919,120 @@ fn scan_audit(conn: &Connection, q: &AuditQuery) -> Result<Vec<AuditRecord>, Sto
     if let Some(event) = &q.event {
         push("event =", event.clone().into());
     }
-    if let Some(before) = q.before_seq {
-        push("seq <", before.into());
-    }
-    sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", q.limit));
-    let mut stmt = conn.prepare(&sql).map_err(db)?;
-    let rows = stmt
-        .query_map(rusqlite::params_from_iter(args), read_audit_row)
-        .map_err(db)?
-        .collect::<rusqlite::Result<Vec<_>>>()
+    sql.push_str(" ORDER BY seq DESC");
+    let mut row_stmt = conn.prepare(&sql).map_err(db)?;
+    let mut rows = row_stmt
+        .query(rusqlite::params_from_iter(args))
         .map_err(db)?;
-    rows.into_iter().map(decode_audit_row).collect()
+    let mut next_row = || -> Result<Option<AuditRecord>, StoreError> {
+        match rows.next().map_err(db)? {
+            Some(r) => Ok(Some(decode_audit_row(read_audit_row(r).map_err(db)?)?)),
+            None => Ok(None),
+        }
+    };
+    // Batches hold only `auth` rows.
+    let batches_match = q.event.as_deref().is_none_or(|e| e == "auth");
+    let mut batch_stmt = conn
+        .prepare_cached(
+            "SELECT first_seq, rows FROM audit_batches WHERE first_seq < ?1 \
+             ORDER BY first_seq DESC",
+        )
+        .map_err(db)?;
+    let mut batches = batch_stmt.query([before]).map_err(db)?;
+    // The batch being read, taken from its end (newest first).
+    let mut batch: Vec<AuditRecord> = Vec::new();
+    let mut next_attempt = || -> Result<Option<AuditRecord>, StoreError> {
+        if !batches_match {
+            return Ok(None);
+        }
+        loop {
+            while let Some(rec) = batch.pop() {
+                if audit_matches(q, &rec) {
+                    return Ok(Some(rec));
+                }
+            }
+            let Some(b) = batches.next().map_err(db)? else {
+                return Ok(None);
+            };
+            batch = read_batch(b)?;
+        }
+    };
+    let limit = q.limit as usize;
+    let mut out = Vec::new();
+    let (mut row, mut attempt) = (next_row()?, next_attempt()?);
+    while out.len() < limit {
+        let row_is_newer = match (&row, &attempt) {
+            (Some(r), Some(a)) => r.seq > a.seq,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        if row_is_newer {
+            out.extend(std::mem::replace(&mut row, next_row()?));
+        } else {
+            out.extend(std::mem::replace(&mut attempt, next_attempt()?));
+        }
+    }
+    Ok(out)
+}
+
+/// Audit rows by seq, from either table; the last batch read is kept decoded,
+/// since a listing takes many rows of one batch in a row.
+struct AuditRows<'c> {
+    conn: &'c Connection,
+    batch: Vec<AuditRecord>,
+}
+
+impl AuditRows<'_> {
+    fn get(&mut self, seq: i64) -> Result<Option<AuditRecord>, StoreError> {
+        if let Some(first) = self.batch.first().map(|r| r.seq)
+            && let Some(rec) = usize::try_from(seq - first)
+                .ok()
+                .and_then(|i| self.batch.get(i))
+        {
+            return Ok(Some(rec.clone()));
+        }
+        let row = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq = ?1"
+            ))
+            .map_err(db)?
+            .query_row([seq], read_audit_row)
+            .optional()
+            .map_err(db)?;
+        if let Some(row) = row {
+            return decode_audit_row(row).map(Some);
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT first_seq, rows FROM audit_batches \
+                 WHERE first_seq <= ?1 AND last_seq >= ?1 ORDER BY first_seq DESC LIMIT 1",
+            )
+            .map_err(db)?;
+        let mut found = stmt.query([seq]).map_err(db)?;
+        let Some(b) = found.next().map_err(db)? else {
+            return Ok(None);
+        };
+        self.batch = read_batch(b)?;
+        let first = self.batch.first().map_or(seq, |r| r.seq);
+        Ok(usize::try_from(seq - first)
+            .ok()
+            .and_then(|i| self.batch.get(i))
+            .cloned())
+    }
+}
+
+/// The rows of an `audit_batches` row selected as `first_seq, rows`.
+fn read_batch(b: &Row<'_>) -> Result<Vec<AuditRecord>, StoreError> {
+    let first: i64 = b.get(0).map_err(db)?;
+    let value = b
+        .get_ref(1)
+        .map_err(db)?
+        .as_blob()
+        .map_err(|e| StoreError::Corrupt(format!("audit batch: {e}")))?;
+    audit_batch::decode(first, value)
 }
 
 /// A listing by tenant and/or key through [`AuditIndex`]: entries newest first
@@ -967,23 +1057,17 @@ fn list_audit_indexed(conn: &Connection, q: &AuditQuery) -> Result<Vec<AuditReco
         ),
         (None, None) => return scan_audit(conn, q),
     };
-    let mut row_stmt = conn
-        .prepare_cached(&format!(
-            "SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq = ?1"
-        ))
-        .map_err(db)?;
+    let mut rows = AuditRows {
+        conn,
+        batch: Vec::new(),
+    };
     let limit = q.limit as usize;
     let mut out = Vec::new();
     let mut take = |seq: i64, out: &mut Vec<AuditRecord>| -> Result<(), StoreError> {
-        let row = row_stmt
-            .query_row([seq], read_audit_row)
-            .optional()
-            .map_err(db)?;
-        if let Some(row) = row {
-            let rec = decode_audit_row(row)?;
-            if audit_matches(q, &rec) {
-                out.push(rec);
-            }
+        if let Some(rec) = rows.get(seq)?
+            && audit_matches(q, &rec)
+        {
+            out.push(rec);
         }
         Ok(())
     };
@@ -1605,11 +1689,19 @@ mod tests {
                 a.presented_prefix = Some("sg_live_abcd".into());
             }
         }
-        let attempts = Arc::new(attempts);
-        store
-            .append_auth_attempts(Arc::clone(&attempts))
-            .await
-            .unwrap();
+        // Batches of attempts and lifecycle rows take turns: one sequence of seqs.
+        for (i, chunk) in attempts.chunks(15).enumerate() {
+            store
+                .append_auth_attempts(Arc::new(chunk.to_vec()))
+                .await
+                .unwrap();
+            n += 1;
+            let (t, e, k) = groups[i % groups.len()];
+            store
+                .save_keys(&[], &[], &[audit_row(n, t, e, k)])
+                .await
+                .unwrap();
+        }
 
         let everything = store
             .list_audit(&AuditQuery {
@@ -1619,10 +1711,17 @@ mod tests {
             .await
             .unwrap();
         assert!(everything.len() > 150);
-        assert!(everything.windows(2).all(|w| w[0].seq > w[1].seq));
+        let seqs: Vec<i64> = everything.iter().map(|r| r.seq).collect();
+        let expected: Vec<i64> = (1..=everything.len() as i64).rev().collect();
+        assert_eq!(seqs, expected, "every row once, newest first, no gaps");
         // Every attempt's columns are stored as it had them.
-        let stored: Vec<AuditRecord> = everything[..attempts.len()]
+        let stored: Vec<AuditRecord> = everything
             .iter()
+            .filter(|r| {
+                r.request_id
+                    .as_deref()
+                    .is_some_and(|id| id.starts_with("req_a"))
+            })
             .rev()
             .map(|r| AuditRecord {
                 seq: 0,
