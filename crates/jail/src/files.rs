@@ -7,11 +7,12 @@
 //! created one component at a time relative to an already-resolved directory, and
 //! what the server creates belongs to the sandbox user.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::Sandbox;
+use crate::fd::{check, fstat_at, open_at, read_names};
 
 mod tree;
 mod user;
@@ -74,14 +75,6 @@ pub enum FileContent {
 
 fn cstr(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
-}
-
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
 }
 
 /// `path` split into its normal components (`.` and empty ones dropped; `..`
@@ -301,7 +294,7 @@ impl Sandbox {
             libc::O_PATH | libc::O_DIRECTORY,
             0,
         )?;
-        remove_at(&parent, name)
+        remove_at(&parent, &cstr(name)?)
     }
 }
 
@@ -323,32 +316,27 @@ fn refuse_proc_and_sys(fd: &OwnedFd) -> io::Result<()> {
 
 /// `unlinkat`, recursing into directories by single components (never following
 /// a symlink, never into /proc or /sys).
-fn remove_at(dir: &OwnedFd, name: &str) -> io::Result<()> {
-    let c = cstr(name)?;
+fn remove_at(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
     // SAFETY: unlinkat of one component under an fd we hold.
-    if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) } == 0 {
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) } == 0 {
         return Ok(());
     }
     let e = io::Error::last_os_error();
     if e.raw_os_error() != Some(libc::EISDIR) {
         return Err(e);
     }
-    // SAFETY: openat of one component, not following a final symlink.
-    let fd = check(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: a fresh fd nobody else owns.
-    let sub = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sub = open_at(
+        dir.as_raw_fd(),
+        name,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )?;
     refuse_proc_and_sys(&sub)?;
-    for name in read_names(&sub)? {
-        remove_at(&sub, &name)?;
+    for entry in read_names(&sub)? {
+        remove_at(&sub, &entry)?;
     }
     // SAFETY: as above, for the now empty directory.
-    check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) })?;
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })?;
     Ok(())
 }
 
@@ -356,63 +344,14 @@ fn remove_at(dir: &OwnedFd, name: &str) -> io::Result<()> {
 fn list(dir: OwnedFd) -> io::Result<Vec<DirEntry>> {
     let mut entries = Vec::new();
     for name in read_names(&dir)? {
-        let mut st: libc::stat = unsafe_zeroed();
-        let c = cstr(&name)?;
-        // SAFETY: fstatat of one component, not following symlinks.
-        let ok = unsafe {
-            libc::fstatat(
-                dir.as_raw_fd(),
-                c.as_ptr(),
-                &mut st,
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        } == 0;
-        let kind = if ok { kind_of(st.st_mode) } else { "other" };
+        let st = fstat_at(&dir, &name).ok();
         entries.push(DirEntry {
-            name,
-            kind,
-            size: if ok { st.st_size as u64 } else { 0 },
+            name: name.to_string_lossy().into_owned(),
+            kind: st.map_or("other", |st| kind_of(st.st_mode)),
+            size: st.map_or(0, |st| st.st_size as u64),
         });
     }
     Ok(entries)
-}
-
-/// The names in an open directory (not `.` and `..`), sorted.
-fn read_names(dir: &OwnedFd) -> io::Result<Vec<String>> {
-    // SAFETY: reopens the directory for reading by its fd; fdopendir takes it.
-    let fd = check(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c".".as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: fdopendir takes ownership of fd; closedir below releases both.
-    let stream = unsafe { libc::fdopendir(fd) };
-    if stream.is_null() {
-        // SAFETY: fdopendir failed, so the fd is still ours to close.
-        unsafe { libc::close(fd) };
-        return Err(io::Error::last_os_error());
-    }
-    let mut names = Vec::new();
-    loop {
-        // SAFETY: readdir on a live stream; the entry is copied before the next call.
-        let ent = unsafe { libc::readdir(stream) };
-        if ent.is_null() {
-            break;
-        }
-        // SAFETY: d_name is NUL-terminated inside the live entry.
-        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
-        if name != "." && name != ".." {
-            names.push(name);
-        }
-    }
-    // SAFETY: closes the stream opened above (and its fd).
-    unsafe { libc::closedir(stream) };
-    names.sort();
-    Ok(names)
 }
 
 fn unsafe_zeroed() -> libc::stat {

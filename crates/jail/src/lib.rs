@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 mod cgroup;
 mod child;
+mod fd;
 mod files;
 mod layer;
 mod netns;

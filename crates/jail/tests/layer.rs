@@ -5,36 +5,10 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sandgate_jail::{CaptureError, CaptureLimits, Config, Jail, Sandbox, Spec, Status};
+use sandgate_jail::{CaptureError, CaptureLimits, Sandbox, Spec};
 
-fn jail() -> Option<Jail> {
-    match Jail::new(Config::default()) {
-        Ok(j) => Some(j),
-        Err(e) => {
-            eprintln!("skipped: the jail is unavailable here: {e}");
-            None
-        }
-    }
-}
-
-fn sh(script: &str) -> Spec {
-    Spec {
-        argv: vec!["/bin/bash".into(), "-c".into(), script.into()],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        ..Spec::default()
-    }
-}
-
-fn run(jail: &Jail, sandbox: &Sandbox, script: &str) -> String {
-    let o = jail.exec(sandbox, &sh(script)).unwrap();
-    assert_eq!(
-        o.status,
-        Status::Exited(0),
-        "{script}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+mod common;
+use common::{jail, run};
 
 const LIMITS: CaptureLimits = CaptureLimits {
     max_bytes: 16 << 20,

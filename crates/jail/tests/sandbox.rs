@@ -2,31 +2,10 @@
 
 use std::time::Duration;
 
-use sandgate_jail::{Config, FsUser, Jail, Limits, Spec, Status};
+use sandgate_jail::{Limits, Spec, Status};
 
-/// The sandbox user, whose rights the file functions use.
-const USER: FsUser = FsUser {
-    uid: 65534,
-    gid: 65534,
-};
-
-fn jail() -> Option<Jail> {
-    match Jail::new(Config::default()) {
-        Ok(j) => Some(j),
-        Err(e) => {
-            eprintln!("skipped: the jail is unavailable here: {e}");
-            None
-        }
-    }
-}
-
-fn sh(script: &str) -> Spec {
-    Spec {
-        argv: vec!["/bin/bash".into(), "-c".into(), script.into()],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        ..Spec::default()
-    }
-}
+mod common;
+use common::{USER, jail, sh};
 
 fn out(o: &sandgate_jail::Outcome) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -5,38 +5,10 @@
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 
-use sandgate_jail::{Config, FsUser, Jail, Sandbox, Spec, Status};
+use sandgate_jail::{Sandbox, Spec};
 
-const USER: FsUser = FsUser {
-    uid: 65534,
-    gid: 65534,
-};
-
-fn jail() -> Option<Jail> {
-    match Jail::new(Config::default()) {
-        Ok(j) => Some(j),
-        Err(e) => {
-            eprintln!("skipped: the jail is unavailable here: {e}");
-            None
-        }
-    }
-}
-
-fn sh(jail: &Jail, sandbox: &Sandbox, script: &str) -> String {
-    let spec = Spec {
-        argv: vec!["/bin/bash".into(), "-c".into(), script.into()],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        ..Spec::default()
-    };
-    let o = jail.exec(sandbox, &spec).unwrap();
-    assert_eq!(
-        o.status,
-        Status::Exited(0),
-        "{script}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+mod common;
+use common::{USER, jail, run};
 
 fn write(sandbox: &Sandbox, path: &str, data: &[u8]) {
     let mut f = sandbox.replace_file(path, USER).unwrap();
@@ -86,7 +58,7 @@ fn entries_listings_dirs_renames_and_removals() {
     let err = sandbox.make_dirs("/workspace/a/z.txt", USER).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
     assert_eq!(
-        sh(
+        run(
             &jail,
             &sandbox,
             "cat /workspace/a/b/c.txt; stat -c '%u %a' /workspace/a/b /workspace/a/b/c.txt"
@@ -140,7 +112,7 @@ fn entries_listings_dirs_renames_and_removals() {
         .unwrap();
     assert_eq!(read(&sandbox, "/workspace/new/dir/z.txt").unwrap(), b"zz");
     assert!(read(&sandbox, "/workspace/a/z.txt").is_err());
-    sh(
+    run(
         &jail,
         &sandbox,
         "echo moved > /tmp/m; chmod 750 /tmp/m; ln -s /etc/hostname /tmp/l",
@@ -148,7 +120,7 @@ fn entries_listings_dirs_renames_and_removals() {
     sandbox.rename_path("/tmp/m", "/workspace/m", USER).unwrap();
     sandbox.rename_path("/tmp/l", "/workspace/l", USER).unwrap();
     assert_eq!(
-        sh(
+        run(
             &jail,
             &sandbox,
             "cat /workspace/m; stat -c %a /workspace/m; readlink /workspace/l; ls /tmp"
@@ -184,20 +156,20 @@ fn a_new_file_replaces_the_old_only_when_committed() {
     let Some(jail) = jail() else { return };
     let sandbox = jail.create_sandbox(&Spec::default()).unwrap();
     write(&sandbox, "/workspace/f", b"old");
-    sh(&jail, &sandbox, "chmod 700 /workspace/f");
+    run(&jail, &sandbox, "chmod 700 /workspace/f");
     let mut pending = sandbox.replace_file("/workspace/f", USER).unwrap();
     pending.file().write_all(b"half").unwrap();
     assert_eq!(read(&sandbox, "/workspace/f").unwrap(), b"old", "not yet");
     drop(pending);
     assert_eq!(read(&sandbox, "/workspace/f").unwrap(), b"old");
     assert_eq!(
-        sh(&jail, &sandbox, "ls -A /workspace"),
+        run(&jail, &sandbox, "ls -A /workspace"),
         "f\n",
         "no temporary file left"
     );
     write(&sandbox, "/workspace/f", b"new");
     assert_eq!(
-        sh(&jail, &sandbox, "cat /workspace/f; stat -c %a /workspace/f"),
+        run(&jail, &sandbox, "cat /workspace/f; stat -c %a /workspace/f"),
         "new700\n"
     );
     let err = sandbox.replace_file("/workspace", USER).unwrap_err();
@@ -214,7 +186,7 @@ fn a_new_file_replaces_the_old_only_when_committed() {
 fn the_sandbox_users_rights_apply() {
     let Some(jail) = jail() else { return };
     let sandbox = jail.create_sandbox(&Spec::default()).unwrap();
-    sh(
+    run(
         &jail,
         &sandbox,
         "echo private > /workspace/p; chmod 000 /workspace/p",
@@ -242,7 +214,7 @@ fn hostile_links_lead_nowhere_outside() {
     let sandbox = jail.create_sandbox(&Spec::default()).unwrap();
     let host = HostFile::new("target");
     let h = &host.0;
-    sh(
+    run(
         &jail,
         &sandbox,
         &format!(
@@ -319,7 +291,7 @@ fn hostile_links_lead_nowhere_outside() {
     );
     host.untouched();
     write(&sandbox, &format!("/workspace/root/..{h}"), b"inside");
-    assert_eq!(sh(&jail, &sandbox, &format!("cat {h}")), "inside");
+    assert_eq!(run(&jail, &sandbox, &format!("cat {h}")), "inside");
     host.untouched();
     sandbox
         .rename_path("/workspace/rel", "/workspace/renamed", USER)
@@ -337,7 +309,7 @@ fn hostile_links_lead_nowhere_outside() {
         .rename_path("/workspace/chain", "/workspace/root/tmp/through", USER)
         .unwrap();
     assert_eq!(
-        sh(&jail, &sandbox, "cat /tmp/through"),
+        run(&jail, &sandbox, "cat /tmp/through"),
         "x",
         "through a link to /: inside"
     );

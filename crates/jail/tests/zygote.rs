@@ -6,28 +6,13 @@ use std::fs;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sandgate_jail::{Config, Jail, Spec, Status};
+use sandgate_jail::{Spec, Status};
+
+mod common;
+use common::{jail, sh};
 
 /// One test at a time: one of them kills the zygote.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn jail() -> Option<Jail> {
-    match Jail::new(Config::default()) {
-        Ok(j) => Some(j),
-        Err(e) => {
-            eprintln!("skipped: the jail is unavailable here: {e}");
-            None
-        }
-    }
-}
-
-fn sh(script: &str) -> Spec {
-    Spec {
-        argv: vec!["/bin/bash".into(), "-c".into(), script.into()],
-        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        ..Spec::default()
-    }
-}
 
 /// `(pid, state, parent)` of every process.
 fn processes() -> Vec<(i32, char, i32)> {

@@ -15,12 +15,13 @@ use std::collections::VecDeque;
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::user::{ActingAs, FsUser};
-use super::{check, components, cstr, kind_of, read_names, refuse_proc_and_sys, unsafe_zeroed};
+use super::{components, cstr, kind_of, refuse_proc_and_sys};
 use crate::Sandbox;
+use crate::fd::{check, fstat, fstat_at, open_at, read_link_at, read_names};
 
 /// Deepest listing: a sandbox can nest directories far deeper than anyone
 /// lists, and each level holds a descriptor and a stack frame.
@@ -77,59 +78,9 @@ pub struct NewFile {
 
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
-fn stat_at(dir: &OwnedFd, name: &CStr) -> io::Result<libc::stat> {
-    let mut st = unsafe_zeroed();
-    // SAFETY: fstatat of one component under a directory we hold, not
-    // following a final symlink, into a stack struct.
-    check(unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            &mut st,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    Ok(st)
-}
-
-fn stat_fd(fd: &OwnedFd) -> io::Result<libc::stat> {
-    let mut st = unsafe_zeroed();
-    // SAFETY: fstat of an fd we own, into a stack struct.
-    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-    Ok(st)
-}
-
-fn read_link_at(dir: &OwnedFd, name: &CStr) -> io::Result<String> {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize];
-    // SAFETY: readlinkat of one component into a live buffer of that length.
-    let n = unsafe {
-        libc::readlinkat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
-
 /// Opens one component of `dir` (never following a symlink there).
 fn open_component(dir: &OwnedFd, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: openat of one component with O_NOFOLLOW; the fd is owned below.
-    let fd = check(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            0o600,
-        )
-    })?;
-    // SAFETY: a fresh fd nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    open_at(dir.as_raw_fd(), name, flags | libc::O_NOFOLLOW, 0o600)
 }
 
 fn rename_at(from: &OwnedFd, from_name: &CStr, to: &OwnedFd, to_name: &CStr) -> io::Result<()> {
@@ -254,10 +205,12 @@ impl Sandbox {
 
     /// What a symlink (`name` in `dir`, at `path`) leads to.
     fn link_of(&self, root: &OwnedFd, dir: &OwnedFd, name: &CStr, path: &str) -> Link {
-        let text = read_link_at(dir, name).unwrap_or_default();
+        let text = read_link_at(dir, name)
+            .map(|t| t.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let target_mode = self
             .open_in(root, path, libc::O_PATH, 0)
-            .and_then(|fd| stat_fd(&fd))
+            .and_then(|fd| fstat(&fd))
             .ok()
             .map(|st| st.st_mode);
         let target = match target_mode {
@@ -284,7 +237,7 @@ impl Sandbox {
             }
             let dir = self.open_in(root, &done.join("/"), libc::O_PATH | libc::O_DIRECTORY, 0)?;
             let c = cstr(&part)?;
-            let st = stat_at(&dir, &c)?;
+            let st = fstat_at(&dir, &c)?;
             if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
                 done.push(part);
                 continue;
@@ -293,7 +246,7 @@ impl Sandbox {
             if links > MAX_LINKS {
                 return Err(io::Error::from_raw_os_error(libc::ELOOP));
             }
-            let target = read_link_at(&dir, &c)?;
+            let target = read_link_at(&dir, &c)?.to_string_lossy().into_owned();
             if target.starts_with('/') {
                 done.clear();
             }
@@ -309,11 +262,11 @@ impl Sandbox {
         let root = self.root_fd()?;
         let _as = ActingAs::enter(user)?;
         if components(path).is_empty() {
-            let st = stat_fd(&self.open_in(&root, "", libc::O_PATH, 0)?)?;
+            let st = fstat(&self.open_in(&root, "", libc::O_PATH, 0)?)?;
             return Ok(entry_of("/".into(), "/".into(), &st, None));
         }
         let (dir, name) = self.parent_of(&root, path)?;
-        let st = stat_at(&dir, &name)?;
+        let st = fstat_at(&dir, &name)?;
         let link = (st.st_mode & libc::S_IFMT == libc::S_IFLNK)
             .then(|| self.link_of(&root, &dir, &name, path));
         let name = name.to_string_lossy().into_owned();
@@ -357,12 +310,12 @@ impl Sandbox {
         max: usize,
         out: &mut Vec<Entry>,
     ) -> io::Result<bool> {
-        for name in read_names(dir)? {
+        for c in read_names(dir)? {
             if out.len() >= max {
                 return Ok(false);
             }
-            let c = cstr(&name)?;
-            let Ok(st) = stat_at(dir, &c) else {
+            let name = c.to_string_lossy().into_owned();
+            let Ok(st) = fstat_at(dir, &c) else {
                 continue; // gone since the directory was read
             };
             let path = join(at, &name);
@@ -392,7 +345,7 @@ impl Sandbox {
         let root = self.root_fd()?;
         let _as = ActingAs::enter(user)?;
         match self.open_in(&root, path, libc::O_PATH, 0) {
-            Ok(fd) if stat_fd(&fd)?.st_mode & libc::S_IFMT == libc::S_IFDIR => return Ok(false),
+            Ok(fd) if fstat(&fd)?.st_mode & libc::S_IFMT == libc::S_IFDIR => return Ok(false),
             Ok(_) => return Err(io::Error::from_raw_os_error(libc::EEXIST)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(e),
@@ -410,7 +363,7 @@ impl Sandbox {
         let root = self.root_fd()?;
         let _as = ActingAs::enter(user)?;
         let (from_dir, from_name) = self.parent_of(&root, from)?;
-        let st = stat_at(&from_dir, &from_name)?;
+        let st = fstat_at(&from_dir, &from_name)?;
         let to_parts = components(to);
         let Some((to_name, to_parents)) = to_parts.split_last() else {
             return Err(no_name(to));
@@ -449,7 +402,7 @@ impl Sandbox {
                 temp
             }
             libc::S_IFLNK => {
-                let target = cstr(&read_link_at(from_dir, from_name)?)?;
+                let target = read_link_at(from_dir, from_name)?;
                 loop {
                     let temp = temp_name()?;
                     // SAFETY: symlinkat of one new component under a directory we hold.
@@ -480,7 +433,7 @@ impl Sandbox {
         let root = self.root_fd()?;
         let _as = ActingAs::enter(user)?;
         let (dir, name) = self.parent_of(&root, path)?;
-        super::remove_at(&dir, &name.to_string_lossy())
+        super::remove_at(&dir, &name)
     }
 
     /// A regular file opened for reading (a final symlink followed, inside
@@ -494,7 +447,7 @@ impl Sandbox {
             libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
             0,
         )?;
-        let st = stat_fd(&fd)?;
+        let st = fstat(&fd)?;
         match st.st_mode & libc::S_IFMT {
             libc::S_IFREG => Ok((File::from(fd), st.st_size as u64)),
             libc::S_IFDIR => Err(io::Error::from_raw_os_error(libc::EISDIR)),
@@ -520,7 +473,7 @@ impl Sandbox {
         }
         let dir = self.dirs_made(&root, parents)?;
         let name = cstr(name)?;
-        let mode = match stat_at(&dir, &name) {
+        let mode = match fstat_at(&dir, &name) {
             Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
                 return Err(io::Error::from_raw_os_error(libc::EISDIR));
             }
