@@ -890,17 +890,7 @@ impl SandboxManager {
     ) -> Result<PreparedExec, SandboxError> {
         let l = &self.limits;
         let env = self.process_env(&live, &env.unwrap_or_default())?;
-        let state = live
-            .record
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .view
-            .state;
-        if state == SandboxState::Paused {
-            return Err(SandboxError::Conflict(
-                "the sandbox is paused; resume it first".into(),
-            ));
-        }
+        ensure_running(&live)?;
         Ok(PreparedExec {
             live,
             spec: Spec {
@@ -1205,6 +1195,22 @@ impl std::fmt::Debug for PreparedExec {
             .field("argv0", &self.spec.argv.first())
             .finish()
     }
+}
+
+/// Exec, processes and code cells need a running sandbox: a paused one is a 409.
+fn ensure_running(live: &Live) -> Result<(), SandboxError> {
+    let state = live
+        .record
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .view
+        .state;
+    if state == SandboxState::Paused {
+        return Err(SandboxError::Conflict(
+            "the sandbox is paused; resume it first".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::long_running::ensure_running;
+use super::ensure_running;
 use super::{Live, SandboxError, SandboxManager};
 use crate::keys::api::{InvalidField, invalid};
 use crate::principal::Principal;

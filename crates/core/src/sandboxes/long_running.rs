@@ -10,7 +10,9 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{Live, SandboxError, SandboxManager, SandboxState, SandboxView, TokenRefusal};
+use super::{
+    Live, SandboxError, SandboxManager, SandboxState, SandboxView, TokenRefusal, ensure_running,
+};
 use crate::keys::api::invalid;
 use crate::model::Timestamp;
 use crate::principal::Principal;
@@ -245,19 +247,4 @@ impl SandboxManager {
         }
         self.get(caller, id)
     }
-}
-
-pub(super) fn ensure_running(live: &Live) -> Result<(), SandboxError> {
-    let state = live
-        .record
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .view
-        .state;
-    if state == SandboxState::Paused {
-        return Err(SandboxError::Conflict(
-            "the sandbox is paused; resume it first".into(),
-        ));
-    }
-    Ok(())
 }

@@ -479,6 +479,17 @@ fn next_audit_seq(tx: &Transaction<'_>) -> Result<i64, StoreError> {
 
 const QUOTA_COLUMNS: &str = "lim, remaining, refill_amount, refill_interval_sec, refilled_at";
 
+/// A quota's [`QUOTA_COLUMNS`] values, in order: what [`decode_quota`] reads.
+fn encode_quota(q: &QuotaRecord) -> [Option<i64>; 5] {
+    [
+        u64_to_sql(q.limit),
+        u64_to_sql(q.remaining),
+        u64_to_sql(q.refill.map(|r| r.amount)),
+        u64_to_sql(q.refill.map(|r| r.interval_sec)),
+        q.refilled_at.map(Timestamp::millis),
+    ]
+}
+
 /// A quota row from its [`QUOTA_COLUMNS`], starting at column `at`.
 fn decode_quota(r: &Row<'_>, at: usize) -> rusqlite::Result<QuotaRecord> {
     let amount = sql_to_u64(r.get(at + 2)?);
@@ -623,16 +634,17 @@ fn write_quota(
     q: &QuotaRecord,
     rev: i64,
 ) -> Result<(), StoreError> {
+    let [lim, remaining, amount, interval_sec, refilled_at] = encode_quota(q);
     tx.execute(
         "UPDATE quotas SET lim = ?2, remaining = ?3, refill_amount = ?4, \
          refill_interval_sec = ?5, refilled_at = ?6, rev = ?7 WHERE id = ?1",
         params![
             quota_id,
-            u64_to_sql(q.limit),
-            u64_to_sql(q.remaining),
-            u64_to_sql(q.refill.map(|r| r.amount)),
-            u64_to_sql(q.refill.map(|r| r.interval_sec)),
-            q.refilled_at.map(Timestamp::millis),
+            lim,
+            remaining,
+            amount,
+            interval_sec,
+            refilled_at,
             rev
         ],
     )
@@ -654,20 +666,13 @@ impl KeyStore for SqliteStore {
         self.write(move |tx| {
             let rev = next_rev(tx)?;
             for (id, q) in &new_quotas {
+                let [lim, remaining, amount, interval_sec, refilled_at] = encode_quota(q);
                 tx.execute(
                     &format!(
                         "INSERT OR IGNORE INTO quotas (id, {QUOTA_COLUMNS}, rev) \
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
                     ),
-                    params![
-                        id,
-                        u64_to_sql(q.limit),
-                        u64_to_sql(q.remaining),
-                        u64_to_sql(q.refill.map(|r| r.amount)),
-                        u64_to_sql(q.refill.map(|r| r.interval_sec)),
-                        q.refilled_at.map(Timestamp::millis),
-                        rev
-                    ],
+                    params![id, lim, remaining, amount, interval_sec, refilled_at, rev],
                 )
                 .map_err(db)?;
             }

@@ -172,13 +172,7 @@ pub async fn list_v2(
                     });
                 }
             }
-            "limit" => {
-                filter.limit = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| ApiError::invalid("limit", "limit must be 1-1000"))?;
-            }
+            "limit" => filter.limit = crate::handlers::sandboxes::list_limit(v)?,
             "nextToken" => filter.after = Some(v.clone()),
             // Ordering and the other filters of E2B's API are not offered.
             _ => {}

@@ -60,13 +60,7 @@ pub async fn list(
                     _ => return Err(ApiError::invalid("state", "running, paused or killed")),
                 });
             }
-            "limit" => {
-                filter.limit = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| ApiError::invalid("limit", "limit must be 1-1000"))?;
-            }
+            "limit" => filter.limit = list_limit(&v)?,
             "cursor" => filter.after = Some(v),
             _ => match k.strip_prefix("metadata.") {
                 Some(name) if !name.is_empty() => filter.metadata.push((name.to_owned(), v)),
@@ -81,6 +75,14 @@ pub async fn list(
     }
     let (data, next_cursor) = state.sandboxes().list(&caller, &filter);
     Ok(Json(SandboxList { data, next_cursor }))
+}
+
+/// A sandbox listing's `limit` (also E2B's): 1 to 1000.
+pub(crate) fn list_limit(v: &str) -> ApiResult<usize> {
+    v.parse()
+        .ok()
+        .filter(|n| (1..=1000).contains(n))
+        .ok_or_else(|| ApiError::invalid("limit", "limit must be 1-1000"))
 }
 
 pub async fn get(
