@@ -14,6 +14,7 @@ pub mod processes;
 pub mod quota;
 pub mod sandboxes;
 pub mod scopes;
+pub mod shard;
 pub mod store;
 pub mod templates;
 pub mod usage;

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -50,6 +51,9 @@ struct Cells {
 pub struct LocalRateLimiter {
     epoch: Instant,
     subjects: Mutex<HashMap<String, Cells>>,
+    /// How many subjects `subjects` holds, readable without the lock: with
+    /// none, [`LocalRateLimiter::would_refuse`] needs no lock at all.
+    tracked: AtomicUsize,
 }
 
 impl Default for LocalRateLimiter {
@@ -57,6 +61,7 @@ impl Default for LocalRateLimiter {
         LocalRateLimiter {
             epoch: Instant::now(),
             subjects: Mutex::new(HashMap::new()),
+            tracked: AtomicUsize::new(0),
         }
     }
 }
@@ -83,7 +88,10 @@ impl LocalRateLimiter {
         let mut subjects = self.subjects.lock().unwrap_or_else(|p| p.into_inner());
         let cells = match subjects.get_mut(subject) {
             Some(c) => c,
-            None => subjects.entry(subject.to_owned()).or_default(),
+            None => {
+                self.tracked.store(subjects.len() + 1, Ordering::Release);
+                subjects.entry(subject.to_owned()).or_default()
+            }
         };
         // Limits changed since last time: keep the cells that still apply.
         if cells.tats.len() != limits.len()
@@ -148,6 +156,9 @@ impl LocalRateLimiter {
 
     /// Whether `subject` would be refused now, without counting anything.
     pub fn would_refuse(&self, subject: &str, limit: RateLimit) -> Option<u64> {
+        if self.tracked.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         let now = self.now_ns();
         let subjects = self.subjects.lock().unwrap_or_else(|p| p.into_inner());
         let (_, tat) = subjects
@@ -171,6 +182,7 @@ impl LocalRateLimiter {
         let now = self.now_ns();
         let mut subjects = self.subjects.lock().unwrap_or_else(|p| p.into_inner());
         subjects.retain(|_, cells| cells.tats.iter().any(|(_, tat)| *tat > now));
+        self.tracked.store(subjects.len(), Ordering::Release);
     }
 
     pub fn tracked(&self) -> usize {
@@ -273,5 +285,26 @@ mod tests {
         assert_eq!(l.tracked(), 2);
         l.prune();
         assert_eq!(l.tracked(), 2, "still limiting at t=0");
+    }
+
+    #[test]
+    fn a_subject_counted_on_another_thread_is_refused_here() {
+        let l = std::sync::Arc::new(LocalRateLimiter::default());
+        let limit = rl(1, 3600);
+        assert_eq!(
+            l.would_refuse("203.0.113.7", limit),
+            None,
+            "nothing tracked"
+        );
+        let counting = std::sync::Arc::clone(&l);
+        std::thread::spawn(move || counting.count("203.0.113.7", limit))
+            .join()
+            .unwrap();
+        assert!(l.would_refuse("203.0.113.7", limit).is_some());
+        assert_eq!(
+            l.would_refuse("203.0.113.8", limit),
+            None,
+            "another address"
+        );
     }
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use crate::model::{Env, RateLimit, Timestamp};
 use crate::net::IpNet;
 use crate::scopes::{Scope, ScopeSet};
+use crate::shard::{self, Padded};
 
 /// Where a principal's credential came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,17 +92,105 @@ impl Principal {
     /// Counts one request made with this principal's key.
     pub fn record_use(&self, now: Timestamp) {
         if let Some(usage) = &self.usage {
-            usage.requests.fetch_add(1, Ordering::Relaxed);
-            usage
-                .last_used_ms
-                .fetch_max(now.millis(), Ordering::Relaxed);
+            usage.record(now);
         }
     }
 }
 
-/// Requests counted in memory since the last flush, per key.
-#[derive(Debug, Default)]
+/// Requests counted in memory since the last flush, per key: one counter per
+/// thread ([`crate::shard`]), summed when read.
+#[derive(Debug)]
 pub struct UsageCell {
-    pub requests: AtomicU64,
-    pub last_used_ms: AtomicI64,
+    shards: Box<[Padded<Counters>]>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    last_used_ms: AtomicI64,
+}
+
+impl Default for UsageCell {
+    fn default() -> Self {
+        UsageCell {
+            shards: shard::per_shard(),
+        }
+    }
+}
+
+impl UsageCell {
+    pub fn record(&self, now: Timestamp) {
+        let mine = &self.shards[shard::this_thread()];
+        mine.requests.fetch_add(1, Ordering::Relaxed);
+        // Most requests fall in a millisecond already written: a read, no write.
+        if mine.last_used_ms.load(Ordering::Relaxed) < now.millis() {
+            mine.last_used_ms.fetch_max(now.millis(), Ordering::Relaxed);
+        }
+    }
+
+    /// Requests counted and not yet taken.
+    pub fn pending_requests(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.requests.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Takes the requests counted so far (for a flush).
+    pub fn take_requests(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.requests.swap(0, Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Gives back requests taken by a flush that failed.
+    pub fn put_back(&self, requests: u64) {
+        self.shards[shard::this_thread()]
+            .requests
+            .fetch_add(requests, Ordering::Relaxed);
+    }
+
+    /// The latest use recorded, 0 when none.
+    pub fn last_used_ms(&self) -> i64 {
+        self.shards
+            .iter()
+            .map(|s| s.last_used_ms.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_usage_cell_counts_every_thread_and_gives_back_a_failed_flush() {
+        let cell = Arc::new(UsageCell::default());
+        let threads: Vec<_> = (0..shard::SHARDS + 3)
+            .map(|i| {
+                let cell = Arc::clone(&cell);
+                std::thread::spawn(move || {
+                    for j in 0..500 {
+                        cell.record(Timestamp::from_millis(1_000 * i as i64 + j));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let n = (shard::SHARDS as u64 + 3) * 500;
+        assert_eq!(cell.pending_requests(), n);
+        assert_eq!(
+            cell.last_used_ms(),
+            1_000 * (shard::SHARDS as i64 + 2) + 499
+        );
+        assert_eq!(cell.take_requests(), n);
+        assert_eq!(cell.pending_requests(), 0);
+        cell.put_back(n);
+        cell.record(Timestamp::from_millis(1));
+        assert_eq!(cell.take_requests(), n + 1);
+    }
 }

@@ -189,6 +189,9 @@ impl Sandbox {
                 return Err(read_err(io::Error::other("the sandbox did not freeze")));
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
+            // A v1 freezer can stay FREEZING while processes keep forking (a
+            // child born during the pass escapes it): asking again freezes those.
+            self.set_frozen(true).map_err(read_err)?;
         }
         let result = self.capture_frozen(dir, dest, limits, uid, gid);
         let _ = self.set_frozen(false);

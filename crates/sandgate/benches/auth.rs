@@ -21,7 +21,9 @@
 //! Settings (environment): `SANDGATE_BENCH_SECS` measured seconds per scenario (5),
 //! `SANDGATE_BENCH_ROUNDS` slices they are cut into (5), `SANDGATE_BENCH_WARMUP_SECS`
 //! warm-up before each slice (0.5), `SANDGATE_BENCH_CONC` connections (32),
-//! `SANDGATE_BENCH_ITERS` micro-benchmark iterations (200000).
+//! `SANDGATE_BENCH_ITERS` micro-benchmark iterations (200000), `SANDGATE_BENCH_ONLY`
+//! the scenarios to run, by number from 0 in the order of the table (`0,1`: healthz
+//! and whoami; for profiling one at a time), all by default.
 //!
 //! The load generator runs on one thread in this same process, so on a small machine
 //! it takes CPU from the server: compare the scenarios with each other (the ratios),
@@ -139,7 +141,10 @@ fn main() -> ExitCode {
     let mut results: Vec<Measured> = scenarios.iter().map(|_| Measured::default()).collect();
     for round in 1..=settings.rounds {
         println!("round {round} of {} ...", settings.rounds);
-        for (s, total) in scenarios.iter().zip(&mut results) {
+        for (i, (s, total)) in scenarios.iter().zip(&mut results).enumerate() {
+            if !settings.runs(i) {
+                continue;
+            }
             total.merge(load.block_on(measure(server.addr, s, &settings)));
         }
     }
@@ -217,6 +222,8 @@ struct Settings {
     rounds: u32,
     concurrency: usize,
     iterations: u64,
+    /// Scenario numbers to run; `None`: all.
+    only: Option<Vec<usize>>,
 }
 
 impl Settings {
@@ -236,7 +243,22 @@ impl Settings {
             rounds: var("SANDGATE_BENCH_ROUNDS", 5u32).max(1),
             concurrency: var("SANDGATE_BENCH_CONC", 32usize).max(1),
             iterations: var("SANDGATE_BENCH_ITERS", 200_000u64).max(1),
+            only: std::env::var("SANDGATE_BENCH_ONLY").ok().map(|v| {
+                v.split(',')
+                    .map(|n| {
+                        n.trim().parse().unwrap_or_else(|_| {
+                            panic!("SANDGATE_BENCH_ONLY={v}: not a number list")
+                        })
+                    })
+                    .collect()
+            }),
         }
+    }
+
+    fn runs(&self, scenario: usize) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.contains(&scenario))
     }
 }
 

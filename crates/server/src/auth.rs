@@ -115,7 +115,7 @@ pub async fn authorize(
     state.metrics().observe_auth("allowed", "ok");
     let now = Timestamp::now();
     principal.record_use(now);
-    state.usage().request(&principal);
+    state.usage().request(&principal, now);
     let attempt = facts.attempt(now, Some(Arc::clone(&principal)), Outcome::Allowed, None);
     state.audit().record(attempt).await;
     req.extensions_mut().insert(Caller(principal));

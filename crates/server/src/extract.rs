@@ -104,10 +104,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        // Taken, not copied: the handler is its only reader, and a copy would
+        // be one more count on the principal that every request shares.
         parts
             .extensions
-            .get::<Caller>()
-            .cloned()
+            .remove::<Caller>()
             .ok_or_else(|| ApiError::internal("route reached without an authenticated caller"))
     }
 }

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sandgate_core::execute::RunStatus;
@@ -21,7 +20,7 @@ pub struct Metrics {
     /// (outcome, reason) → count, but for `allowed`/`ok`: nearly every attempt is
     /// that one, counted in [`Metrics::allowed`] without a lock.
     auth: Mutex<HashMap<(&'static str, &'static str), u64>>,
-    allowed: AtomicU64,
+    allowed: sandgate_core::shard::Counter,
     executions: Mutex<HashMap<&'static str, u64>>,
 }
 
@@ -61,7 +60,7 @@ impl Metrics {
 
     pub fn observe_auth(&self, outcome: &'static str, reason: &'static str) {
         if (outcome, reason) == ("allowed", "ok") {
-            self.allowed.fetch_add(1, Ordering::Relaxed);
+            self.allowed.add(1);
             return;
         }
         *self
@@ -140,7 +139,7 @@ impl Metrics {
         );
         out.push_str("# TYPE sandgate_auth_attempts_total counter\n");
         let mut auth = self.auth.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let allowed = self.allowed.load(Ordering::Relaxed);
+        let allowed = self.allowed.sum();
         if allowed > 0 {
             *auth.entry(("allowed", "ok")).or_default() += allowed;
         }

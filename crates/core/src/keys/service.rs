@@ -17,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -185,9 +184,7 @@ impl KeyCache {
     }
 
     fn pending_requests(&self, key_id: &str) -> u64 {
-        self.usage
-            .get(key_id)
-            .map_or(0, |u| u.requests.load(Ordering::Relaxed))
+        self.usage.get(key_id).map_or(0, |u| u.pending_requests())
     }
 }
 
@@ -384,8 +381,8 @@ impl KeyService {
                 .usage
                 .iter()
                 .filter_map(|(id, cell)| {
-                    let requests = cell.requests.swap(0, Ordering::Relaxed);
-                    let last = cell.last_used_ms.load(Ordering::Relaxed);
+                    let requests = cell.take_requests();
+                    let last = cell.last_used_ms();
                     (requests > 0).then(|| {
                         let usage = KeyUsage {
                             key_id: id.clone(),
@@ -408,7 +405,7 @@ impl KeyService {
         if let Err(e) = self.store.add_key_usage(&rows).await {
             // Put the counts back for the next flush: nothing is lost on a failed write.
             for (cell, u) in &batch {
-                cell.requests.fetch_add(u.requests, Ordering::Relaxed);
+                cell.put_back(u.requests);
             }
             return Err(e);
         }
@@ -524,13 +521,17 @@ impl KeyService {
             drop(cache);
             return serde_json::to_vec(&self.whoami(p)).expect("plain data serializes");
         };
-        let quota = p
-            .quota_id
-            .as_deref()
-            .and_then(|q| cache.quotas.get(q))
-            .map_or(UNLIMITED, |q| crate::quota::refilled(*q, Timestamp::now()));
+        let quota = match p.quota_id.as_deref().and_then(|q| cache.quotas.get(q)) {
+            Some(q) if q.refill.is_some() => crate::quota::refilled(*q, Timestamp::now()),
+            Some(q) => *q,
+            None => UNLIMITED,
+        };
         let mut out = Vec::with_capacity(head.len() + 160);
         out.extend_from_slice(head);
+        if (quota.limit, quota.remaining, quota.refill) == (None, None, None) {
+            out.extend_from_slice(unlimited_counters());
+            return out;
+        }
         serde_json::to_writer(&mut out, &WhoAmICounters::of(&quota))
             .expect("plain data serializes");
         // The counters' own `{`: the head already opened the object.
@@ -925,6 +926,18 @@ fn whoami_head(p: &Principal) -> Option<Box<[u8]>> {
     }
     whole.truncate(whole.len() - tail.len());
     Some(whole.into_boxed_slice())
+}
+
+/// The counters' members of a key without an executions limit, and the closing
+/// `}`: the same for every such key.
+fn unlimited_counters() -> &'static [u8] {
+    static TAIL: OnceLock<Vec<u8>> = OnceLock::new();
+    TAIL.get_or_init(|| {
+        let mut counters =
+            serde_json::to_vec(&WhoAmICounters::of(&UNLIMITED)).expect("plain data serializes");
+        counters.remove(0);
+        counters
+    })
 }
 
 const UNLIMITED: QuotaRecord = QuotaRecord {

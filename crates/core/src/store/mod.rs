@@ -122,7 +122,13 @@ pub trait KeyStore: Send + Sync + 'static {
 pub trait AuditStore: Send + Sync + 'static {
     /// Appends one row (event `auth`) per attempt, in order, in one transaction.
     /// Shared, not copied: the caller reuses the batch once the store lets go of it.
+    /// Committed when this returns, but it may not be on disk until
+    /// [`AuditStore::sync_auth_attempts`]: a crash of the process loses nothing
+    /// written, a power loss what was not synced.
     async fn append_auth_attempts(&self, batch: Arc<Vec<AuthAttempt>>) -> Result<(), StoreError>;
+
+    /// Puts every attempt appended so far on disk.
+    async fn sync_auth_attempts(&self) -> Result<(), StoreError>;
 
     /// Newest first.
     async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;

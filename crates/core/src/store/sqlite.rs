@@ -1142,7 +1142,47 @@ fn decode_audit_row(
 #[async_trait]
 impl AuditStore for SqliteStore {
     async fn append_auth_attempts(&self, batch: Arc<Vec<AuthAttempt>>) -> Result<(), StoreError> {
-        self.write(move |tx| insert_auth_attempts(tx, &batch)).await
+        // Without a sync of the log at commit (WAL, `synchronous=NORMAL` for this
+        // transaction only): the commit is in the OS's hands, safe from a crash
+        // of this process; `sync_auth_attempts` puts it on disk.
+        self.with_conn(move |conn| {
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(db)?;
+            let written = (|| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db)?;
+                insert_auth_attempts(&tx, &batch)?;
+                tx.commit().map_err(db)
+            })();
+            // Every other write keeps waiting for the disk, failed batch or not.
+            conn.pragma_update(None, "synchronous", "FULL")
+                .map_err(db)?;
+            written
+        })
+        .await
+    }
+
+    async fn sync_auth_attempts(&self) -> Result<(), StoreError> {
+        // The log holds every commit not yet copied into the database file, and a
+        // checkpoint syncs the log before it copies: syncing the log is enough.
+        // Under the connection's lock, so no checkpoint of this process runs
+        // meanwhile (one of another process syncs the log itself).
+        self.with_conn(|conn| {
+            let path = conn
+                .path()
+                .map(|p| format!("{p}-wal"))
+                .ok_or_else(|| StoreError::Database("database without a file".into()))?;
+            match std::fs::File::open(&path) {
+                Ok(wal) => wal
+                    .sync_data()
+                    .map_err(|e| StoreError::Database(format!("sync {path}: {e}"))),
+                // No log: nothing is waiting in one (every commit was checkpointed).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(StoreError::Database(format!("open {path}: {e}"))),
+            }
+        })
+        .await
     }
 
     async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
@@ -2059,5 +2099,56 @@ mod tests {
             store.list_webhooks("acme", Env::Live).await.unwrap().len(),
             1
         );
+    }
+
+    /// Batches of attempts are committed without waiting for the disk and synced
+    /// on request; every other write keeps `synchronous=FULL`.
+    #[tokio::test]
+    async fn attempts_skip_the_disk_wait_alone_and_are_kept_once_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let attempt = |i: i64| AuthAttempt {
+            time: Timestamp::from_millis(1000 + i),
+            request_id: format!("req_s{i}").into(),
+            client_ip: "127.0.0.1".parse().unwrap(),
+            method: "GET".into(),
+            path: "/v1/auth/whoami".into(),
+            key: None,
+            presented_prefix: None,
+            subject: None,
+            outcome: Outcome::Allowed,
+            reason: None,
+        };
+        store
+            .append_auth_attempts(Arc::new((0..5).map(attempt).collect()))
+            .await
+            .unwrap();
+        let synchronous: i64 = store
+            .with_conn(|c| {
+                c.pragma_query_value(None, "synchronous", |r| r.get(0))
+                    .map_err(db)
+            })
+            .await
+            .unwrap();
+        assert_eq!(synchronous, 2, "FULL again for everything else");
+        store.sync_auth_attempts().await.unwrap();
+        drop(store);
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let query = AuditQuery {
+            limit: 100,
+            ..AuditQuery::default()
+        };
+        let rows = store.list_audit(&query).await.unwrap();
+        let ids: Vec<_> = rows.iter().filter_map(|r| r.request_id.clone()).collect();
+        assert_eq!(ids, ["req_s4", "req_s3", "req_s2", "req_s1", "req_s0"]);
+        // With no log at all (every commit checkpointed), a sync has nothing to do.
+        store
+            .with_conn(|c| {
+                c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                    .map_err(db)
+            })
+            .await
+            .unwrap();
+        store.sync_auth_attempts().await.unwrap();
     }
 }
