@@ -381,7 +381,7 @@ async fn decide(
         ));
     }
     let (principal, scope) = match access {
-        Access::SandboxToken(scope) => (sandbox_owner(state, headers).await?, scope),
+        Access::SandboxToken(scope) => (Box::pin(sandbox_owner(state, headers)).await?, scope),
         Access::Scope(scope) => (principal(state, headers, call).await?, Some(scope)),
         Access::Authenticated | Access::Public => (principal(state, headers, call).await?, None),
     };
@@ -461,7 +461,10 @@ async fn authenticate(
         None,
     );
     if let Some(jwt) = state.jwt() {
-        match jwt.check(credential).await {
+        // Boxed, like the callback below: the stored-key path, taken by nearly
+        // every request, then moves a small future instead of one as large as
+        // these slower sources' state.
+        match Box::pin(jwt.check(credential)).await {
             None => {}
             Some(JwtCheck::Valid(p)) => return Ok(p),
             Some(JwtCheck::Refused {
@@ -492,7 +495,7 @@ async fn authenticate(
         return Err(unknown);
     };
     let subject = || Some(callback_key_id(credential));
-    match callback.decide(presented, call).await {
+    match Box::pin(callback.decide(presented, call)).await {
         Ok(Decision::Allowed(p)) => Ok(p),
         Ok(Decision::Denied { status }) => {
             tracing::debug!(status, "the auth callback refused a credential");

@@ -278,7 +278,8 @@ impl KeyService {
         if let Some(found) = self.lookup(&hash, now) {
             return found.map(Some);
         }
-        self.refresh_on_miss().await;
+        // Boxed: a miss is rare, and its state would make every hit's future larger.
+        Box::pin(self.refresh_on_miss()).await;
         self.lookup(&hash, now)
             .unwrap_or(Err(AuthFailure::Unknown.into()))
             .map(Some)
