@@ -3,8 +3,8 @@
 //! A [`Principal`] is built once per key (when the key is loaded into the cache),
 //! and shared by `Arc` with every request that presents that key.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::model::{Env, RateLimit, Timestamp};
 use crate::net::IpNet;
@@ -98,10 +98,11 @@ impl Principal {
 }
 
 /// Requests counted in memory since the last flush, per key: one counter per
-/// thread ([`crate::shard`]), summed when read.
-#[derive(Debug)]
+/// thread ([`crate::shard`]), summed when read. The counters (2 KiB) are made on
+/// the key's first request: a key never used costs a pointer.
+#[derive(Debug, Default)]
 pub struct UsageCell {
-    shards: Box<[Padded<Counters>]>,
+    shards: OnceLock<Box<[Padded<Counters>]>>,
 }
 
 #[derive(Debug, Default)]
@@ -110,17 +111,9 @@ struct Counters {
     last_used_ms: AtomicI64,
 }
 
-impl Default for UsageCell {
-    fn default() -> Self {
-        UsageCell {
-            shards: shard::per_shard(),
-        }
-    }
-}
-
 impl UsageCell {
     pub fn record(&self, now: Timestamp) {
-        let mine = &self.shards[shard::this_thread()];
+        let mine = self.mine();
         mine.requests.fetch_add(1, Ordering::Relaxed);
         // Most requests fall in a millisecond already written: a read, no write.
         if mine.last_used_ms.load(Ordering::Relaxed) < now.millis() {
@@ -128,9 +121,17 @@ impl UsageCell {
         }
     }
 
+    fn mine(&self) -> &Counters {
+        &self.shards.get_or_init(shard::per_shard)[shard::this_thread()]
+    }
+
+    fn all(&self) -> &[Padded<Counters>] {
+        self.shards.get().map_or(&[], |s| s)
+    }
+
     /// Requests counted and not yet taken.
     pub fn pending_requests(&self) -> u64 {
-        self.shards
+        self.all()
             .iter()
             .map(|s| s.requests.load(Ordering::Relaxed))
             .sum()
@@ -138,7 +139,7 @@ impl UsageCell {
 
     /// Takes the requests counted so far (for a flush).
     pub fn take_requests(&self) -> u64 {
-        self.shards
+        self.all()
             .iter()
             .map(|s| s.requests.swap(0, Ordering::Relaxed))
             .sum()
@@ -146,14 +147,12 @@ impl UsageCell {
 
     /// Gives back requests taken by a flush that failed.
     pub fn put_back(&self, requests: u64) {
-        self.shards[shard::this_thread()]
-            .requests
-            .fetch_add(requests, Ordering::Relaxed);
+        self.mine().requests.fetch_add(requests, Ordering::Relaxed);
     }
 
     /// The latest use recorded, 0 when none.
     pub fn last_used_ms(&self) -> i64 {
-        self.shards
+        self.all()
             .iter()
             .map(|s| s.last_used_ms.load(Ordering::Relaxed))
             .max()

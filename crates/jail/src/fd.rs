@@ -35,6 +35,21 @@ pub(crate) fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
     Ok(st)
 }
 
+/// Sends `signal` to the process behind `pidfd`: never to another process,
+/// whatever became of its pid.
+pub(crate) fn signal_pidfd(pidfd: &OwnedFd, signal: libc::c_int) {
+    // SAFETY: pidfd_send_signal on a pidfd we own; no memory effects.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+    }
+}
+
 /// `fstatat` of one component, not following a final symlink.
 pub(crate) fn fstat_at(dir: &OwnedFd, name: &CStr) -> io::Result<libc::stat> {
     // SAFETY: `stat` is plain old data; all zeroes is a valid value.

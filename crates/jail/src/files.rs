@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::Sandbox;
-use crate::fd::{check, fstat_at, open_at, read_names};
+use crate::fd::{check, fstat, fstat_at, open_at, read_link_at, read_names};
 
 mod tree;
 mod user;
@@ -164,9 +164,8 @@ impl Sandbox {
     pub fn stat_path(&self, path: &str, follow: bool) -> io::Result<PathInfo> {
         let root = self.root_fd()?;
         let parts = components(path);
-        let mut st: libc::stat = unsafe_zeroed();
         let mut symlink_target = None;
-        match parts.split_last() {
+        let st = match parts.split_last() {
             Some((name, parents)) if !follow && *name != ".." => {
                 let parent = self.open_in(
                     &root,
@@ -175,39 +174,16 @@ impl Sandbox {
                     0,
                 )?;
                 let c = cstr(name)?;
-                // SAFETY: fstatat of one component under a directory resolved
-                // inside the root, not following a final symlink.
-                check(unsafe {
-                    libc::fstatat(
-                        parent.as_raw_fd(),
-                        c.as_ptr(),
-                        &mut st,
-                        libc::AT_SYMLINK_NOFOLLOW,
-                    )
-                })?;
+                let st = fstat_at(&parent, &c)?;
                 if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
-                    let mut buf = vec![0u8; 4096];
-                    // SAFETY: readlinkat into a live buffer of the given length.
-                    let n = unsafe {
-                        libc::readlinkat(
-                            parent.as_raw_fd(),
-                            c.as_ptr(),
-                            buf.as_mut_ptr().cast(),
-                            buf.len(),
-                        )
-                    };
-                    if n >= 0 {
-                        buf.truncate(n as usize);
-                        symlink_target = Some(String::from_utf8_lossy(&buf).into_owned());
-                    }
+                    symlink_target = read_link_at(&parent, &c)
+                        .ok()
+                        .map(|t| String::from_utf8_lossy(t.as_bytes()).into_owned());
                 }
+                st
             }
-            _ => {
-                let fd = self.open_in(&root, path, libc::O_PATH, 0)?;
-                // SAFETY: fstat fills a stack struct, on an fd we own.
-                check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-            }
-        }
+            _ => fstat(&self.open_in(&root, path, libc::O_PATH, 0)?)?,
+        };
         Ok(PathInfo {
             kind: kind_of(st.st_mode),
             size: st.st_size as u64,

@@ -900,16 +900,7 @@ impl Child {
     /// Killing the PID namespace's init kills every process in the namespace.
     pub(crate) fn kill(&self) {
         if !self.exited {
-            // SAFETY: pidfd_send_signal on a pidfd we own; no memory effects.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    self.pidfd.as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
+            fd::signal_pidfd(&self.pidfd, libc::SIGKILL);
         }
     }
 

@@ -380,16 +380,7 @@ impl Spawned {
         // The program itself first (through its pidfd when there is one): it
         // may not have made its own process group yet.
         match &self.pidfd {
-            // SAFETY: pidfd_send_signal on a pidfd we own; no memory effects.
-            Some(fd) => unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    signal,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                );
-            },
+            Some(fd) => crate::fd::signal_pidfd(fd, signal),
             // SAFETY: kill has no memory effects; the program is not reaped.
             None => unsafe {
                 libc::kill(self.pid, signal);

@@ -193,17 +193,7 @@ impl Conn {
     }
 
     fn kill(&self) {
-        // SAFETY: pidfd_send_signal on a pidfd we own; no memory effects. It
-        // cannot reach another process, whatever happened to the zygote's pid.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            );
-        }
+        crate::fd::signal_pidfd(&self.pidfd, libc::SIGKILL);
     }
 
     /// A request: its kind, the length of its body, the body; `fds` with it.
