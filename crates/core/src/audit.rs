@@ -10,6 +10,7 @@
 //! service writes them in the same transaction as the change.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -122,7 +123,7 @@ struct Handle {
 #[derive(Debug)]
 struct Queue {
     /// One per thread ([`crate::shard`]).
-    shards: Box<[Padded<Mutex<Vec<Queued>>>]>,
+    shards: Box<[Padded<Mutex<VecDeque<Queued>>>]>,
     /// The writer's doorbell: a shard became non-empty.
     wake: Notify,
     /// Rung when the writer should not let the batch grow: a shard is full, a
@@ -134,9 +135,10 @@ struct Queue {
     closed: AtomicBool,
 }
 
-/// An attempt and when it was queued, on the monotonic clock: the writer puts
-/// the shards' rows back in that order, so a request answered before another
-/// began always has the smaller seq.
+/// An attempt and when it was queued, on the monotonic clock, stamped under its
+/// shard's lock (so every shard is in that order): the writer merges the
+/// shards by it, so a request answered before another began always has the
+/// smaller seq.
 #[derive(Debug)]
 struct Queued {
     at: Instant,
@@ -168,23 +170,20 @@ impl AuditLog {
     pub async fn record(&self, attempt: AuthAttempt) {
         let queue = &self.handle.queue;
         let shard = &queue.shards[shard::this_thread()];
-        let mut queued = Queued {
-            at: Instant::now(),
-            attempt,
-        };
+        let mut attempt = attempt;
         loop {
-            let Some(back) = queue.try_push(shard, queued) else {
+            let Some(back) = queue.try_push(shard, attempt) else {
                 return;
             };
-            queued = back;
+            attempt = back;
             let room = queue.drained.notified();
             tokio::pin!(room);
             // Registered before the check again: a drain after it is not missed.
             room.as_mut().enable();
-            let Some(back) = queue.try_push(shard, queued) else {
+            let Some(back) = queue.try_push(shard, attempt) else {
                 return;
             };
-            queued = back;
+            attempt = back;
             queue.hurry.notify_one();
             room.await;
         }
@@ -202,12 +201,19 @@ impl AuditLog {
 impl Queue {
     /// Into `shard`, or handed back when it is full; the first row of a shard
     /// rings the writer.
-    fn try_push(&self, shard: &Mutex<Vec<Queued>>, queued: Queued) -> Option<Queued> {
+    fn try_push(
+        &self,
+        shard: &Mutex<VecDeque<Queued>>,
+        attempt: AuthAttempt,
+    ) -> Option<AuthAttempt> {
         let mut rows = lock(shard);
         if rows.len() >= SHARD_CAPACITY {
-            return Some(queued);
+            return Some(attempt);
         }
-        rows.push(queued);
+        rows.push_back(Queued {
+            at: Instant::now(),
+            attempt,
+        });
         let first = rows.len() == 1;
         drop(rows);
         if first {
@@ -235,9 +241,9 @@ async fn write_batches(queue: Arc<Queue>, store: Arc<dyn AuditStore>) {
     // Handed to the store and taken back after each write: a batch of this size
     // is a large allocation, not one to make and free hundreds of times a second.
     let mut batch = Arc::new(Vec::with_capacity(MAX_BATCH));
-    // The shards' vectors are swapped with these, so pushing rarely allocates.
-    let mut spares: Vec<Vec<Queued>> = Vec::new();
-    let mut round: Vec<Queued> = Vec::new();
+    // The shards' queues are swapped with these, so pushing rarely allocates.
+    let mut spares: Vec<VecDeque<Queued>> = Vec::new();
+    let mut round: Vec<VecDeque<Queued>> = Vec::new();
     // The first write not yet synced.
     let mut unsynced: Option<Instant> = None;
     loop {
@@ -270,22 +276,26 @@ async fn write_batches(queue: Arc<Queue>, store: Arc<dyn AuditStore>) {
             let mut shards: Vec<_> = queue.shards.iter().map(|s| lock(s)).collect();
             for rows in shards.iter_mut().filter(|r| !r.is_empty()) {
                 let spare = spares.pop().unwrap_or_default();
-                let mut taken = std::mem::replace(&mut **rows, spare);
-                round.append(&mut taken);
-                spares.push(taken);
+                round.push(std::mem::replace(&mut **rows, spare));
             }
         }
         queue.drained.notify_waiters();
-        round.sort_by_key(|q| q.at);
         if !round.is_empty() {
             unsynced.get_or_insert_with(Instant::now);
         }
-        for queued in round.drain(..) {
+        // Each shard is in queue order: merged by it, every row moves once.
+        while let Some(rows) = round
+            .iter_mut()
+            .filter(|r| !r.is_empty())
+            .min_by_key(|r| r.front().map(|q| q.at))
+        {
+            let queued = rows.pop_front().expect("a non-empty shard");
             Arc::make_mut(&mut batch).push(queued.attempt);
             if batch.len() == MAX_BATCH {
                 write_batch(&*store, &mut batch).await;
             }
         }
+        spares.append(&mut round);
         if !batch.is_empty() {
             write_batch(&*store, &mut batch).await;
         }
