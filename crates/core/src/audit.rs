@@ -20,6 +20,7 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::model::{AuditRecord, Env, Outcome, Timestamp};
 use crate::principal::Principal;
+use crate::request_id::RequestId;
 use crate::shard::{self, Padded};
 use crate::store::AuditStore;
 
@@ -40,7 +41,7 @@ const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct AuthAttempt {
     pub time: Timestamp,
-    pub request_id: Arc<str>,
+    pub request_id: RequestId,
     pub client_ip: IpAddr,
     /// Standard methods are borrowed words.
     pub method: Cow<'static, str>,
@@ -359,7 +360,7 @@ mod tests {
     /// Keeps what it is given; a write can be held back until `open` is rung.
     #[derive(Default)]
     struct Recorded {
-        rows: Mutex<Vec<(Arc<str>, bool)>>,
+        rows: Mutex<Vec<(RequestId, bool)>>,
         syncs: AtomicUsize,
         held: AtomicBool,
         open: Notify,
@@ -374,7 +375,7 @@ mod tests {
             while self.held.load(Ordering::Acquire) {
                 self.open.notified().await;
             }
-            lock(&self.rows).extend(batch.iter().map(|a| (Arc::clone(&a.request_id), false)));
+            lock(&self.rows).extend(batch.iter().map(|a| (a.request_id.clone(), false)));
             Ok(())
         }
 

@@ -12,6 +12,7 @@ pub mod net;
 pub mod principal;
 pub mod processes;
 pub mod quota;
+pub mod request_id;
 pub mod sandboxes;
 pub mod scopes;
 pub mod shard;

@@ -35,6 +35,13 @@ pub trait RateLimiter: Send + Sync + 'static {
     /// Counts one request of `subject` against every limit, if all of them allow it.
     async fn check(&self, subject: &str, limits: &[RateLimit]) -> RateDecision;
 
+    /// The decision at once, for a limiter whose state is in this process:
+    /// checked on every request of a limited key, it spares the request the
+    /// boxed future of [`RateLimiter::check`]. `None`: ask `check`.
+    fn check_now(&self, _subject: &str, _limits: &[RateLimit]) -> Option<RateDecision> {
+        None
+    }
+
     /// Drops state that no longer limits anything, to bound memory.
     fn forget_idle(&self) {}
 }
@@ -199,6 +206,10 @@ impl RateLimiter for LocalRateLimiter {
         self.check_at(subject, limits, self.now_ns())
     }
 
+    fn check_now(&self, subject: &str, limits: &[RateLimit]) -> Option<RateDecision> {
+        Some(self.check_at(subject, limits, self.now_ns()))
+    }
+
     fn forget_idle(&self) {
         self.prune();
     }
@@ -213,6 +224,19 @@ mod tests {
     }
 
     const S: u64 = 1_000_000_000;
+
+    #[tokio::test]
+    async fn the_immediate_check_and_the_awaited_one_count_against_one_bucket() {
+        let l = LocalRateLimiter::default();
+        let limits = [rl(3, 3600)];
+        assert!(l.check_now("k", &limits).expect("local: at once").allowed);
+        assert!(l.check("k", &limits).await.allowed);
+        let third = l.check_now("k", &limits).unwrap();
+        assert!(third.allowed);
+        assert_eq!(third.remaining, 0);
+        assert!(!l.check("k", &limits).await.allowed);
+        assert!(!l.check_now("k", &limits).unwrap().allowed);
+    }
 
     #[test]
     fn a_burst_of_exactly_limit_passes_then_one_per_interval() {

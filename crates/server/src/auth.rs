@@ -81,7 +81,7 @@ pub async fn authorize(
         method: req.method().as_str(),
         path: original_path,
         route,
-        request_id: &info.request_id,
+        request_id: info.request_id.as_str(),
     };
     let principal = match decide(&state, req.headers(), &call, access, info.client_ip).await {
         Ok(principal) => principal,
@@ -99,7 +99,11 @@ pub async fn authorize(
     let decision = if limits.is_empty() {
         None
     } else {
-        Some(state.rate_limiter().check(&principal.key_id, limits).await)
+        let limiter = state.rate_limiter();
+        match limiter.check_now(&principal.key_id, limits) {
+            Some(d) => Some(d),
+            None => Some(limiter.check(&principal.key_id, limits).await),
+        }
     };
     if let Some(d) = decision.filter(|d| !d.allowed) {
         let refusal = Refusal::new(
@@ -156,7 +160,7 @@ impl Facts<'_> {
     ) -> AuthAttempt {
         AuthAttempt {
             time,
-            request_id: Arc::clone(&self.info.request_id),
+            request_id: self.info.request_id.clone(),
             client_ip: self.info.client_ip,
             method: self.method,
             path: self.path,

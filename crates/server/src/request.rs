@@ -3,28 +3,27 @@
 //! The request id (`req_…`, or the client's own `X-Request-Id` when it is sane) is
 //! set as a task-local for the rest of the request, so any error built anywhere
 //! below can carry it without threading it through every signature; it is echoed
-//! on every response. It is made once and shared (`Arc<str>`) by everything that
-//! keeps it: the task-local, [`RequestInfo`], the audit row. The client IP is the socket peer, or, only when the peer is a
-//! trusted proxy, the right-most untrusted address of `X-Forwarded-For` (else
-//! `X-Real-IP`).
+//! on every response. Everything that keeps it (the task-local, [`RequestInfo`],
+//! the audit row) holds a [`RequestId`]: inline, no allocation. The client IP is
+//! the socket peer, or, only when the peer is a trusted proxy, the right-most
+//! untrusted address of `X-Forwarded-For` (else `X-Real-IP`).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
-use sandgate_core::keys::format::random_id;
 use sandgate_core::net::{IpNet, canonical};
+use sandgate_core::request_id::RequestId;
 
 use crate::state::AppState;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 tokio::task_local! {
-    static REQUEST_ID: Arc<str>;
+    static REQUEST_ID: RequestId;
 }
 
 /// The id of the request being served, or `req_unknown` outside one.
@@ -37,7 +36,7 @@ pub fn current_request_id() -> String {
 /// Facts about the request gathered before authentication.
 #[derive(Debug, Clone)]
 pub struct RequestInfo {
-    pub request_id: Arc<str>,
+    pub request_id: RequestId,
     pub client_ip: IpAddr,
 }
 
@@ -48,20 +47,18 @@ pub async fn request_context(
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let request_id: Arc<str> = match sane_request_id(req.headers()) {
-        Some(id) => id.into(),
-        None => random_id("req_", 16).into(),
+    let request_id = match sane_request_id(req.headers()) {
+        Some(id) => RequestId::new(id),
+        None => RequestId::generate(),
     };
     let client_ip = client_ip(peer.ip(), req.headers(), &state.config().trusted_proxies);
     let method = req.method().clone();
     let route = req.extensions().get::<MatchedPath>().cloned();
     req.extensions_mut().insert(RequestInfo {
-        request_id: Arc::clone(&request_id),
+        request_id: request_id.clone(),
         client_ip,
     });
-    let mut response = REQUEST_ID
-        .scope(Arc::clone(&request_id), next.run(req))
-        .await;
+    let mut response = REQUEST_ID.scope(request_id.clone(), next.run(req)).await;
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }

@@ -11,7 +11,8 @@ use sha2::{Digest, Sha256};
 
 use crate::model::Env;
 
-const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+pub(crate) const BASE62: &[u8; 62] =
+    b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 const BODY_LEN: usize = 32;
 const CHECK_LEN: usize = 6;
 /// Characters of a key shown in listings and audit rows.
