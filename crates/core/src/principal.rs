@@ -28,7 +28,7 @@ pub enum CredentialSource {
     LocalOperator,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Principal {
     pub key_id: String,
     /// The first 12 characters of the key, when the credential is a sandgate key.

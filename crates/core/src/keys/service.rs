@@ -15,13 +15,14 @@
 //! to the [`EventSink`] (webhooks), with the key object as data (never the key or
 //! its hash).
 
+use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use subtle::ConstantTimeEq;
 
 use super::api::{
     self, CreateKeyRequest, CreatedKey, InvalidField, KeyView, UpdateKeyRequest, WhoAmI, invalid,
@@ -156,9 +157,11 @@ impl Hasher for DigestHasher {
 #[derive(Default)]
 struct KeyCache {
     by_hash: HashMap<KeyHash, Arc<CachedKey>, BuildHasherDefault<DigestHasher>>,
-    by_id: HashMap<String, Arc<CachedKey>>,
-    usage: HashMap<String, Arc<UsageCell>>,
-    quotas: HashMap<String, QuotaRecord>,
+    // Looked up on every whoami: foldhash (seeded per process) instead of
+    // SipHash, which cost more than the rest of the lookup.
+    by_id: HashMap<String, Arc<CachedKey>, foldhash::fast::RandomState>,
+    usage: HashMap<String, Arc<UsageCell>, foldhash::fast::RandomState>,
+    quotas: HashMap<String, QuotaRecord, foldhash::fast::RandomState>,
     rev: i64,
 }
 
@@ -215,9 +218,80 @@ fn principal_for(record: &KeyRecord, usage: Arc<UsageCell>) -> Principal {
     }
 }
 
+/// Keys a thread holds copies of, at most.
+const HOT_KEYS: usize = 16;
+
+thread_local! {
+    static HOT: RefCell<HotKeys> = RefCell::new(HotKeys::default());
+}
+
+/// The valid keys this thread verified lately, each as this thread's own copy
+/// of its principal, good while the cache's generation is `generation`. On the
+/// path of every request, they spare it the cache's lock and a reference count
+/// that every thread serving the key would otherwise pass back and forth.
+#[derive(Default)]
+struct HotKeys {
+    owner: u64,
+    generation: u64,
+    keys: Vec<HotKey>,
+}
+
+struct HotKey {
+    hash: KeyHash,
+    principal: Arc<Principal>,
+    /// The key's executions counter as cached when the copy was made.
+    quota: Option<QuotaRecord>,
+    whoami_head: OnceCell<Option<Box<[u8]>>>,
+}
+
+/// The cache's write lock; moves the generation on before letting go.
+struct CacheWrite<'a> {
+    guard: RwLockWriteGuard<'a, KeyCache>,
+    generation: &'a AtomicU64,
+}
+
+impl std::ops::Deref for CacheWrite<'_> {
+    type Target = KeyCache;
+
+    fn deref(&self) -> &KeyCache {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for CacheWrite<'_> {
+    fn deref_mut(&mut self) -> &mut KeyCache {
+        &mut self.guard
+    }
+}
+
+impl Drop for CacheWrite<'_> {
+    fn drop(&mut self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether two key hashes are equal, in a time that does not depend on where
+/// they differ.
+fn same_hash(a: &KeyHash, b: &KeyHash) -> bool {
+    let diff = a
+        .chunks_exact(8)
+        .zip(b.chunks_exact(8))
+        .fold(0u64, |diff, (x, y)| {
+            let word = |w: &[u8]| u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+            diff | (word(x) ^ word(y))
+        });
+    std::hint::black_box(diff) == 0
+}
+
 pub struct KeyService {
     store: Arc<dyn KeyStore>,
     cache: RwLock<KeyCache>,
+    /// Which service a thread's [`HotKeys`] came from (tests run many in one
+    /// process).
+    id: u64,
+    /// Moves on with every write of `cache`, before the lock is let go: a
+    /// thread's copies are good while it has not moved since they were made.
+    generation: AtomicU64,
     /// Single flight for cache-miss refreshes; holds when the last one ran.
     miss_refresh: tokio::sync::Mutex<Option<Instant>>,
     /// Serialises this node's read-modify-write changes of keys.
@@ -235,9 +309,12 @@ impl std::fmt::Debug for KeyService {
 impl KeyService {
     /// Loads every key into memory.
     pub async fn load(store: Arc<dyn KeyStore>) -> Result<KeyService, StoreError> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let service = KeyService {
             store,
             cache: RwLock::new(KeyCache::default()),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
             miss_refresh: tokio::sync::Mutex::new(None),
             writes: tokio::sync::Mutex::new(()),
             events: None,
@@ -286,11 +363,14 @@ impl KeyService {
     }
 
     fn lookup(&self, hash: &KeyHash, now: Timestamp) -> Option<Result<Arc<Principal>, Denied>> {
+        if let Some(p) = self.hot_lookup(hash, now) {
+            return Some(Ok(p));
+        }
         let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
         let entry = cache.by_hash.get(hash)?;
         // The map already matched on the hash; compare again in constant time so no
         // code path ever decides on a short-circuiting comparison of secrets.
-        if !bool::from(entry.record.hash.ct_eq(hash)) {
+        if !same_hash(&entry.record.hash, hash) {
             return Some(Err(AuthFailure::Unknown.into()));
         }
         let refuse = |failure| {
@@ -304,8 +384,63 @@ impl KeyService {
         } else if entry.record.expires_at.is_some_and(|e| e <= now) {
             refuse(AuthFailure::Expired)
         } else {
-            Ok(Arc::clone(&entry.principal))
+            Ok(self.hot_insert(&cache, entry))
         })
+    }
+
+    /// This thread's copy of a valid key, while nothing in the cache changed
+    /// since it was made: no lock, and no count shared with other threads.
+    fn hot_lookup(&self, hash: &KeyHash, now: Timestamp) -> Option<Arc<Principal>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        HOT.with_borrow(|hot| {
+            if (hot.owner, hot.generation) != (self.id, generation) {
+                return None;
+            }
+            let key = hot.keys.iter().find(|k| same_hash(&k.hash, hash))?;
+            // Expiry is the one thing that changes without a write.
+            let expired = key.principal.expires_at.is_some_and(|e| e <= now);
+            (!expired).then(|| Arc::clone(&key.principal))
+        })
+    }
+
+    /// Makes (or finds) this thread's copy of `entry`, a valid key, and hands
+    /// it out. Under the cache's read lock: no write runs meanwhile, so the
+    /// generation read here is the one `entry` belongs to.
+    fn hot_insert(&self, cache: &KeyCache, entry: &CachedKey) -> Arc<Principal> {
+        let generation = self.generation.load(Ordering::Acquire);
+        HOT.with_borrow_mut(|hot| {
+            if (hot.owner, hot.generation) != (self.id, generation) {
+                hot.owner = self.id;
+                hot.generation = generation;
+                hot.keys.clear();
+            }
+            if let Some(key) = hot.keys.iter().find(|k| k.hash == entry.record.hash) {
+                return Arc::clone(&key.principal);
+            }
+            if hot.keys.len() == HOT_KEYS {
+                hot.keys.remove(0);
+            }
+            let principal = Arc::new(Principal::clone(&entry.principal));
+            hot.keys.push(HotKey {
+                hash: entry.record.hash,
+                principal: Arc::clone(&principal),
+                quota: principal
+                    .quota_id
+                    .as_deref()
+                    .and_then(|q| cache.quotas.get(q))
+                    .copied(),
+                whoami_head: OnceCell::new(),
+            });
+            principal
+        })
+    }
+
+    /// Takes the write lock of the cache; the generation moves on when it is let go.
+    fn write_cache(&self) -> CacheWrite<'_> {
+        CacheWrite {
+            guard: self.cache.write().unwrap_or_else(|p| p.into_inner()),
+            generation: &self.generation,
+        }
     }
 
     /// `p` as it stands now: a stored key is looked up again by id (so a
@@ -361,10 +496,7 @@ impl KeyService {
         let rev = self.cache.read().unwrap_or_else(|p| p.into_inner()).rev;
         let changes = self.store.changes_since(rev).await?;
         if changes.rev != rev {
-            self.cache
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .apply(changes);
+            self.write_cache().apply(changes);
         }
         Ok(())
     }
@@ -411,7 +543,7 @@ impl KeyService {
             return Err(e);
         }
         // Reflect the flushed counts in the cached records.
-        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.write_cache();
         for u in rows {
             if let Some(entry) = cache.by_id.get(&u.key_id) {
                 let mut record = entry.record.clone();
@@ -473,7 +605,7 @@ impl KeyService {
             return Ok(None);
         }
         let taken = self.store.consume_execution(quota_id).await;
-        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.write_cache();
         match taken {
             Ok(q) => {
                 // The whole counter (a refill moved its schedule too), unless a
@@ -512,6 +644,9 @@ impl KeyService {
     /// executions counters is rendered once per version of the key; the counters
     /// (which move with every run and refill) are written after it.
     pub fn whoami_json(&self, p: &Arc<Principal>) -> Vec<u8> {
+        if let Some(json) = self.hot_whoami_json(p) {
+            return json;
+        }
         let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
         let head = cache
             .by_id
@@ -522,22 +657,27 @@ impl KeyService {
             drop(cache);
             return serde_json::to_vec(&self.whoami(p)).expect("plain data serializes");
         };
-        let quota = match p.quota_id.as_deref().and_then(|q| cache.quotas.get(q)) {
-            Some(q) if q.refill.is_some() => crate::quota::refilled(*q, Timestamp::now()),
-            Some(q) => *q,
-            None => UNLIMITED,
-        };
-        let mut out = Vec::with_capacity(head.len() + 160);
-        out.extend_from_slice(head);
-        if (quota.limit, quota.remaining, quota.refill) == (None, None, None) {
-            out.extend_from_slice(unlimited_counters());
-            return out;
-        }
-        serde_json::to_writer(&mut out, &WhoAmICounters::of(&quota))
-            .expect("plain data serializes");
-        // The counters' own `{`: the head already opened the object.
-        out.remove(head.len());
-        out
+        let quota = p
+            .quota_id
+            .as_deref()
+            .and_then(|q| cache.quotas.get(q))
+            .copied();
+        whoami_with(head, quota)
+    }
+
+    /// [`KeyService::whoami_json`] from this thread's copy of the key, when `p`
+    /// is it and nothing changed since it was made (the executions counter
+    /// included: every change of it is a write of the cache).
+    fn hot_whoami_json(&self, p: &Arc<Principal>) -> Option<Vec<u8>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        HOT.with_borrow(|hot| {
+            if (hot.owner, hot.generation) != (self.id, generation) {
+                return None;
+            }
+            let key = hot.keys.iter().find(|k| Arc::ptr_eq(&k.principal, p))?;
+            let head = key.whoami_head.get_or_init(|| whoami_head(p));
+            Some(whoami_with(head.as_deref()?, key.quota))
+        })
     }
 
     /// The cached counter, with the refills due by now.
@@ -929,6 +1069,26 @@ fn whoami_head(p: &Principal) -> Option<Box<[u8]>> {
     Some(whole.into_boxed_slice())
 }
 
+/// The whoami JSON of a key whose [`whoami_head`] is `head`, with the counters
+/// of `quota` (the cached counter; refills due by now are added).
+fn whoami_with(head: &[u8], quota: Option<QuotaRecord>) -> Vec<u8> {
+    let quota = match quota {
+        Some(q) if q.refill.is_some() => crate::quota::refilled(q, Timestamp::now()),
+        Some(q) => q,
+        None => UNLIMITED,
+    };
+    let mut out = Vec::with_capacity(head.len() + 160);
+    out.extend_from_slice(head);
+    if (quota.limit, quota.remaining, quota.refill) == (None, None, None) {
+        out.extend_from_slice(unlimited_counters());
+        return out;
+    }
+    serde_json::to_writer(&mut out, &WhoAmICounters::of(&quota)).expect("plain data serializes");
+    // The counters' own `{`: the head already opened the object.
+    out.remove(head.len());
+    out
+}
+
 /// The counters' members of a key without an executions limit, and the closing
 /// `}`: the same for every such key.
 fn unlimited_counters() -> &'static [u8] {
@@ -1069,10 +1229,12 @@ mod tests {
             let expected = serde_json::to_vec(&keys.whoami(&p)).unwrap();
             // First use renders the head, the second takes it from the cache.
             assert_eq!(keys.whoami_json(&p), expected);
-            let cached = keys.cache.read().unwrap().by_id[&p.key_id]
-                .whoami_head
-                .get()
-                .is_some_and(Option::is_some);
+            let cached = HOT.with_borrow(|hot| {
+                hot.keys.iter().any(|k| {
+                    Arc::ptr_eq(&k.principal, &p)
+                        && k.whoami_head.get().is_some_and(Option::is_some)
+                })
+            });
             assert!(cached, "the head of a cached key is kept");
             assert_eq!(keys.whoami_json(&p), expected);
             if p.key_id == limited.key.id {
@@ -1088,5 +1250,83 @@ mod tests {
             keys.whoami_json(&local),
             serde_json::to_vec(&keys.whoami(&local)).unwrap()
         );
+    }
+
+    /// A thread's copy of a key is what the key is now: a revocation counts at
+    /// once, on this thread and every other, and so does the key's expiry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_threads_copy_of_a_key_never_outlives_a_change_or_the_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let keys = Arc::new(KeyService::load(Arc::new(store)).await.unwrap());
+        let admin = keys.bootstrap_admin().await.unwrap().unwrap().secret;
+        let admin = keys.verify(&admin).await.unwrap().unwrap();
+        let ctx = RequestContext::default();
+        let created = keys
+            .create_key(
+                &admin,
+                &ctx,
+                CreateKeyRequest {
+                    name: "soon revoked".into(),
+                    ..CreateKeyRequest::default()
+                },
+            )
+            .await
+            .unwrap();
+        let secret = created.secret.clone();
+        // Verified on two threads, twice each: the second is this thread's copy.
+        let on_threads = |keys: &Arc<KeyService>| {
+            (0..2)
+                .map(|_| {
+                    let (keys, secret) = (Arc::clone(keys), secret.clone());
+                    std::thread::spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .build()
+                            .unwrap();
+                        rt.block_on(async {
+                            let first = keys.verify(&secret).await;
+                            let second = keys.verify(&secret).await;
+                            (first.map(|p| p.is_some()), second.map(|p| p.is_some()))
+                        })
+                    })
+                })
+                .map(|t| t.join().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let first = keys.verify(&secret).await.unwrap().unwrap();
+        let again = keys.verify(&secret).await.unwrap().unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "the thread's own copy");
+        for (a, b) in on_threads(&keys) {
+            assert!(matches!((a, b), (Ok(true), Ok(true))));
+        }
+        keys.revoke_key(&admin, &ctx, &created.key.id)
+            .await
+            .unwrap();
+        let refused = keys.verify(&secret).await.unwrap_err();
+        assert_eq!(refused.failure, AuthFailure::Revoked);
+        for (a, b) in on_threads(&keys) {
+            for verdict in [a, b] {
+                assert_eq!(verdict.unwrap_err().failure, AuthFailure::Revoked);
+            }
+        }
+
+        let expiring = keys
+            .create_key(
+                &admin,
+                &ctx,
+                CreateKeyRequest {
+                    name: "short-lived".into(),
+                    expires_in_sec: Some(1),
+                    ..CreateKeyRequest::default()
+                },
+            )
+            .await
+            .unwrap();
+        let secret = expiring.secret.clone();
+        keys.verify(&secret).await.unwrap().unwrap();
+        keys.verify(&secret).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let refused = keys.verify(&secret).await.unwrap_err();
+        assert_eq!(refused.failure, AuthFailure::Expired);
     }
 }
