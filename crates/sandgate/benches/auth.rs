@@ -630,7 +630,11 @@ fn micro_benchmarks(iterations: u64) {
             black_box(d);
         })
         .await;
-        report("RateLimiter::check_now (one limit, local)", check, iterations);
+        report(
+            "RateLimiter::check_now (one limit, local)",
+            check,
+            iterations,
+        );
     });
 }
 
