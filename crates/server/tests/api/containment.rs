@@ -147,17 +147,14 @@ fn host_processes_are_invisible_and_unkillable() {
     assert!(visible <= 4, "saw {visible} processes: {out}");
     assert!(!out.contains("SAW-INIT"), "{out}");
     assert!(!out.contains("sandgate") && !out.contains("api-"), "{out}");
-    // Kill everything it can see: its own background processes die, nothing else.
+    // Kill everything it can see: its own background processes die (status
+    // 128 + 9), nothing else. Read from `wait`: bash's own "Killed" notices on
+    // stderr are not one per job every time.
     let r = app.run(
         "bash",
-        "sleep 100 & sleep 100 & kill -9 -1; wait; echo survived",
+        "sleep 100 & a=$!; sleep 100 & b=$!; kill -9 -1; wait $a; echo a=$?; wait $b; echo b=$?; echo survived",
     );
-    assert_eq!(stdout(&r), "survived\n", "{r}");
-    assert_eq!(
-        r["stderr"].as_str().unwrap().matches("Killed").count(),
-        2,
-        "{r}"
-    );
+    assert_eq!(stdout(&r), "a=137\nb=137\nsurvived\n", "{r}");
     assert_alive(&app);
 }
 
