@@ -22,7 +22,6 @@ use sandgate_core::principal::Principal;
 
 use crate::callback::{Call, Decision, Presented};
 use crate::error::ApiError;
-use crate::extract::Caller;
 use crate::jwt::JwtCheck;
 use crate::request::RequestInfo;
 use crate::routes::{Access, Policy};
@@ -122,7 +121,10 @@ pub async fn authorize(
     state.usage().request(&principal, now);
     let attempt = facts.attempt(now, Some(Arc::clone(&principal)), Outcome::Allowed, None);
     state.audit().record(attempt).await;
-    req.extensions_mut().insert(Caller(principal));
+    // For the handler (`Caller`); request_context put the info in place.
+    if let Some(info) = req.extensions_mut().get_mut::<RequestInfo>() {
+        info.caller = Some(principal);
+    }
     let mut response = next.run(req).await;
     if let Some(d) = decision {
         rate_limit_headers(&mut response, d);

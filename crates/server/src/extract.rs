@@ -105,10 +105,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
         // Taken, not copied: the handler is its only reader, and a copy would
-        // be one more count on the principal that every request shares.
+        // be one more count on the principal.
         parts
             .extensions
-            .remove::<Caller>()
+            .get_mut::<RequestInfo>()
+            .and_then(|info| info.caller.take())
+            .map(Caller)
             .ok_or_else(|| ApiError::internal("route reached without an authenticated caller"))
     }
 }

@@ -9,6 +9,7 @@
 //! untrusted address of `X-Forwarded-For` (else `X-Real-IP`).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
@@ -16,6 +17,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 use sandgate_core::net::{IpNet, canonical};
+use sandgate_core::principal::Principal;
 use sandgate_core::request_id::RequestId;
 
 use crate::state::AppState;
@@ -33,11 +35,15 @@ pub fn current_request_id() -> String {
         .unwrap_or_else(|_| "req_unknown".to_owned())
 }
 
-/// Facts about the request gathered before authentication.
+/// Facts about the request gathered before authentication, and then the caller.
 #[derive(Debug, Clone)]
 pub struct RequestInfo {
     pub request_id: RequestId,
     pub client_ip: IpAddr,
+    /// Set by the authorization layer, taken by the handler ([`crate::extract::Caller`]):
+    /// kept here rather than as an extension of its own, which would be one more
+    /// allocation per request.
+    pub caller: Option<Arc<Principal>>,
 }
 
 pub async fn request_context(
@@ -57,6 +63,7 @@ pub async fn request_context(
     req.extensions_mut().insert(RequestInfo {
         request_id: request_id.clone(),
         client_ip,
+        caller: None,
     });
     let mut response = REQUEST_ID.scope(request_id.clone(), next.run(req)).await;
     if let Ok(value) = HeaderValue::from_str(&request_id) {
