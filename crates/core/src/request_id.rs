@@ -59,6 +59,14 @@ impl RequestId {
         })
     }
 
+    /// The id's bytes, without the UTF-8 check `as_str` makes of an inline id.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Shared(id) => id.as_bytes(),
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         match &self.0 {
             // Made from a `str` cut at its end: always whole characters.

@@ -80,7 +80,7 @@ pub async fn authorize(
         method: req.method().as_str(),
         path: original_path,
         route,
-        request_id: info.request_id.as_str(),
+        request_id: &info.request_id,
     };
     let principal = match decide(&state, req.headers(), &call, access, info.client_ip).await {
         Ok(principal) => principal,

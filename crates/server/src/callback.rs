@@ -16,6 +16,7 @@ use axum::http::Uri;
 use sandgate_core::keys::callback::{InvalidGrant, callback_principal};
 use sandgate_core::keys::format::{KeyHash, hash_key};
 use sandgate_core::principal::Principal;
+use sandgate_core::request_id::RequestId;
 
 /// Largest reply body read from the callback.
 const MAX_REPLY_BYTES: u64 = 64 * 1024;
@@ -117,7 +118,7 @@ pub struct Call<'a> {
     pub path: &'a str,
     /// The route template, part of the cache key.
     pub route: &'a str,
-    pub request_id: &'a str,
+    pub request_id: &'a RequestId,
 }
 
 /// What the callback answered.
@@ -214,7 +215,7 @@ impl AuthCallback {
             .header(name, value)
             .header("x-request-path", call.path)
             .header("x-request-method", call.method)
-            .header("x-request-id", call.request_id);
+            .header("x-request-id", call.request_id.as_str());
         let (status, body) = tokio::task::spawn_blocking(move || {
             let mut response = request.send_empty()?;
             // Read even a refusal's body, so the connection can be reused.

@@ -66,7 +66,7 @@ pub async fn request_context(
         caller: None,
     });
     let mut response = REQUEST_ID.scope(request_id.clone(), next.run(req)).await;
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
+    if let Ok(value) = HeaderValue::from_bytes(request_id.as_bytes()) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
     state.metrics().observe_request(

@@ -103,7 +103,7 @@ pub fn encode(attempts: &[AuthAttempt]) -> Vec<u8> {
             Outcome::Allowed => 0,
             Outcome::Denied => DENIED,
         };
-        match packed_id(&a.request_id) {
+        match packed_id(a.request_id.as_bytes()) {
             Some(n) => {
                 rows.push(denied | PACKED_ID);
                 rows.extend_from_slice(&n.to_le_bytes()[..ID_BYTES]);
@@ -126,8 +126,8 @@ pub fn encode(attempts: &[AuthAttempt]) -> Vec<u8> {
 }
 
 /// `req_` and 16 base62 characters, as one number (below 62^16 < 2^96).
-fn packed_id(id: &str) -> Option<u128> {
-    let digits = id.strip_prefix("req_")?.as_bytes();
+fn packed_id(id: &[u8]) -> Option<u128> {
+    let digits = id.strip_prefix(b"req_")?;
     if digits.len() != ID_DIGITS {
         return None;
     }
@@ -457,8 +457,8 @@ mod tests {
             .map(|r| r.request_id.as_deref().unwrap())
             .collect();
         assert_eq!(back, ids);
-        assert_eq!(packed_id("req_0000000000000000"), Some(0));
-        assert_eq!(packed_id("req_ABCDEFGHIJKLMNO!"), None);
+        assert_eq!(packed_id(b"req_0000000000000000"), Some(0));
+        assert_eq!(packed_id(b"req_ABCDEFGHIJKLMNO!"), None);
         assert!(unpacked_id(u128::from_le_bytes([0xff; 16]) >> 32).is_err());
     }
 
