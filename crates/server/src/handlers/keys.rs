@@ -1,9 +1,10 @@
 //! `/v1/auth/whoami` and `/v1/keys`: thin over [`sandgate_core::keys::KeyService`].
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
 use sandgate_core::keys::api::{
     CreateKeyRequest, CreatedKey, KeyView, ResetExecutionsRequest, RotateKeyRequest,
     UpdateKeyRequest,
@@ -25,9 +26,15 @@ pub struct KeyList {
 }
 
 /// The body is a [`sandgate_core::keys::api::WhoAmI`], rendered by the key service (mostly cached).
-pub async fn whoami(State(state): State<AppState>, Caller(caller): Caller) -> impl IntoResponse {
+pub async fn whoami(State(state): State<AppState>, Caller(caller): Caller) -> Response {
     let json = state.keys().whoami_json(&caller);
-    ([(header::CONTENT_TYPE, "application/json")], json)
+    // Built directly: one header, set once.
+    let mut response = Response::new(Body::from(json));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 pub async fn create_key(
