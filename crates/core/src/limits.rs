@@ -9,6 +9,7 @@
 //! this process, a Redis backend will share it between nodes.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -49,25 +50,40 @@ pub trait RateLimiter: Send + Sync + 'static {
 /// GCRA state of one subject: the theoretical arrival time per limit.
 #[derive(Debug, Default)]
 struct Cells {
-    /// (limit, tat in ns since the limiter's epoch).
-    tats: Vec<(RateLimit, u64)>,
+    tats: Vec<Cell>,
 }
 
-/// Limits kept in this process.
+#[derive(Debug, Clone, Copy)]
+struct Cell {
+    limit: RateLimit,
+    /// [`interval_ns`] of `limit`, divided out once.
+    interval: u64,
+    /// The theoretical arrival time, in ns since the limiter's epoch.
+    tat: u64,
+}
+
+/// Limits kept in this process, per subject. `S` hashes the subjects: SipHash
+/// (the default) where a client picks them (addresses, for the failed-auth
+/// throttle), a faster one where sandgate does (key ids).
 #[derive(Debug)]
-pub struct LocalRateLimiter {
+pub struct LocalRateLimiter<S = std::hash::RandomState> {
     epoch: Instant,
-    subjects: Mutex<HashMap<String, Cells>>,
+    subjects: Mutex<HashMap<String, Cells, S>>,
     /// How many subjects `subjects` holds, readable without the lock: with
     /// none, [`LocalRateLimiter::would_refuse`] needs no lock at all.
     tracked: AtomicUsize,
 }
 
-impl Default for LocalRateLimiter {
+/// The limiter of keys' rate limits: its subjects are key ids, which sandgate
+/// makes (or a JWT's or the auth callback's subject, which their issuer vouches
+/// for), so a seeded fast hash will do.
+pub type KeyRateLimiter = LocalRateLimiter<foldhash::fast::RandomState>;
+
+impl<S: Default> Default for LocalRateLimiter<S> {
     fn default() -> Self {
         LocalRateLimiter {
             epoch: Instant::now(),
-            subjects: Mutex::new(HashMap::new()),
+            subjects: Mutex::new(HashMap::default()),
             tracked: AtomicUsize::new(0),
         }
     }
@@ -85,7 +101,7 @@ fn ceil_secs(ns: u64) -> u64 {
     ns.div_ceil(1_000_000_000)
 }
 
-impl LocalRateLimiter {
+impl<S: BuildHasher> LocalRateLimiter<S> {
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }
@@ -102,22 +118,28 @@ impl LocalRateLimiter {
         };
         // Limits changed since last time: keep the cells that still apply.
         if cells.tats.len() != limits.len()
-            || cells.tats.iter().zip(limits).any(|((l, _), n)| l != n)
+            || cells.tats.iter().zip(limits).any(|(c, n)| c.limit != *n)
         {
             let old = std::mem::take(&mut cells.tats);
             cells.tats = limits
                 .iter()
-                .map(|l| {
-                    let tat = old.iter().find(|(o, _)| o == l).map_or(now, |(_, t)| *t);
-                    (*l, tat)
+                .map(|l| Cell {
+                    limit: *l,
+                    interval: interval_ns(*l),
+                    tat: old.iter().find(|o| o.limit == *l).map_or(now, |o| o.tat),
                 })
                 .collect();
         }
         // First pass: would every limit allow it?
         let mut refused: Option<RateDecision> = None;
-        for (l, tat) in &cells.tats {
-            let tat = (*tat).max(now);
-            let (t, w) = (interval_ns(*l), window_ns(*l));
+        for &Cell {
+            limit: l,
+            interval: t,
+            tat,
+        } in &cells.tats
+        {
+            let tat = tat.max(now);
+            let w = window_ns(l);
             if tat + t > now + w {
                 let wait = tat + t - (now + w);
                 let d = RateDecision {
@@ -137,15 +159,15 @@ impl LocalRateLimiter {
         }
         // Second pass: consume from all of them; report the tightest.
         let mut report: Option<RateDecision> = None;
-        for (l, tat) in cells.tats.iter_mut() {
-            let (t, w) = (interval_ns(*l), window_ns(*l));
-            *tat = (*tat).max(now) + t;
-            let remaining = ((now + w).saturating_sub(*tat) / t) as u32;
+        for cell in cells.tats.iter_mut() {
+            let (t, w) = (cell.interval, window_ns(cell.limit));
+            cell.tat = cell.tat.max(now) + t;
+            let remaining = ((now + w).saturating_sub(cell.tat) / t) as u32;
             let d = RateDecision {
                 allowed: true,
-                limit: l.limit,
+                limit: cell.limit.limit,
                 remaining,
-                reset_secs: ceil_secs(*tat - now),
+                reset_secs: ceil_secs(cell.tat - now),
                 retry_after_secs: 0,
             };
             if report.is_none_or(|r| d.remaining < r.remaining) {
@@ -168,13 +190,13 @@ impl LocalRateLimiter {
         }
         let now = self.now_ns();
         let subjects = self.subjects.lock().unwrap_or_else(|p| p.into_inner());
-        let (_, tat) = subjects
+        let cell = subjects
             .get(subject)?
             .tats
             .iter()
-            .find(|(l, _)| *l == limit)?;
-        let tat = (*tat).max(now);
-        let (t, w) = (interval_ns(limit), window_ns(limit));
+            .find(|c| c.limit == limit)?;
+        let tat = cell.tat.max(now);
+        let (t, w) = (cell.interval, window_ns(limit));
         (tat + t > now + w).then(|| ceil_secs(tat + t - (now + w)).max(1))
     }
 
@@ -188,7 +210,7 @@ impl LocalRateLimiter {
     fn prune(&self) {
         let now = self.now_ns();
         let mut subjects = self.subjects.lock().unwrap_or_else(|p| p.into_inner());
-        subjects.retain(|_, cells| cells.tats.iter().any(|(_, tat)| *tat > now));
+        subjects.retain(|_, cells| cells.tats.iter().any(|c| c.tat > now));
         self.tracked.store(subjects.len(), Ordering::Release);
     }
 
@@ -201,7 +223,7 @@ impl LocalRateLimiter {
 }
 
 #[async_trait]
-impl RateLimiter for LocalRateLimiter {
+impl<S: BuildHasher + Send + Sync + 'static> RateLimiter for LocalRateLimiter<S> {
     async fn check(&self, subject: &str, limits: &[RateLimit]) -> RateDecision {
         self.check_at(subject, limits, self.now_ns())
     }
@@ -227,7 +249,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_immediate_check_and_the_awaited_one_count_against_one_bucket() {
-        let l = LocalRateLimiter::default();
+        // The keys' limiter, as the server makes it.
+        let l = KeyRateLimiter::default();
         let limits = [rl(3, 3600)];
         assert!(l.check_now("k", &limits).expect("local: at once").allowed);
         assert!(l.check("k", &limits).await.allowed);
@@ -240,7 +263,7 @@ mod tests {
 
     #[test]
     fn a_burst_of_exactly_limit_passes_then_one_per_interval() {
-        let l = LocalRateLimiter::default();
+        let l = <LocalRateLimiter>::default();
         let limits = [rl(10, 60)];
         let t0 = 5 * S;
         let passed = (0..25)
@@ -255,7 +278,7 @@ mod tests {
 
     #[test]
     fn bursts_never_exceed_the_bucket_and_the_rate_holds() {
-        let l = LocalRateLimiter::default();
+        let l = <LocalRateLimiter>::default();
         let limits = [rl(7, 10)];
         let mut passed_at = Vec::new();
         for step in 0..2000u64 {
@@ -284,7 +307,7 @@ mod tests {
 
     #[test]
     fn all_limits_must_allow_and_a_refusal_consumes_none() {
-        let l = LocalRateLimiter::default();
+        let l = <LocalRateLimiter>::default();
         let limits = [rl(100, 60), rl(2, 1)];
         assert!(l.check_at("k", &limits, 0).allowed);
         let d = l.check_at("k", &limits, 0);
@@ -302,7 +325,7 @@ mod tests {
 
     #[test]
     fn subjects_are_independent_and_pruned_when_full() {
-        let l = LocalRateLimiter::default();
+        let l = <LocalRateLimiter>::default();
         assert!(l.check_at("a", &[rl(1, 1)], 0).allowed);
         assert!(!l.check_at("a", &[rl(1, 1)], 0).allowed);
         assert!(l.check_at("b", &[rl(1, 1)], 0).allowed);
@@ -313,7 +336,7 @@ mod tests {
 
     #[test]
     fn a_subject_counted_on_another_thread_is_refused_here() {
-        let l = std::sync::Arc::new(LocalRateLimiter::default());
+        let l = std::sync::Arc::new(<LocalRateLimiter>::default());
         let limit = rl(1, 3600);
         assert_eq!(
             l.would_refuse("203.0.113.7", limit),

@@ -9,7 +9,7 @@ use sandgate_core::execute::{ExecLimits, Executor, JailConfig};
 use sandgate_core::keys::KeyService;
 use sandgate_core::keys::env_keys::EnvKeys;
 use sandgate_core::keys::format::SecretKey;
-use sandgate_core::limits::{LocalRateLimiter, RateLimiter};
+use sandgate_core::limits::{KeyRateLimiter, LocalRateLimiter, RateLimiter};
 use sandgate_core::model::RateLimit;
 use sandgate_core::net::IpNet;
 use sandgate_core::sandboxes::{SandboxLimits, SandboxManager, SandboxStore};
@@ -251,7 +251,7 @@ impl AppState {
             audit,
             audit_store,
             metrics: Metrics::default(),
-            rate_limiter: Arc::new(LocalRateLimiter::default()),
+            rate_limiter: Arc::new(KeyRateLimiter::default()),
             auth_failures: LocalRateLimiter::default(),
             usage,
             usage_store,
