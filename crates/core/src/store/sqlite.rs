@@ -2112,16 +2112,11 @@ mod tests {
         );
     }
 
-    /// A steady stream of audit batches keeps the write-ahead log at about
-    /// [`WAL_PAGES`]: it is copied into the database as it fills.
-    #[tokio::test]
-    async fn the_log_stays_short_under_a_stream_of_audit_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        let attempt = |i: i64| AuthAttempt {
+    /// An allowed whoami without a key, at `1000 + i` ms.
+    fn whoami_attempt(i: i64, request_id: String) -> AuthAttempt {
+        AuthAttempt {
             time: Timestamp::from_millis(1000 + i),
-            // A client's own ids: kept whole, ~28 bytes a row.
-            request_id: format!("client-{i:016}").into(),
+            request_id: request_id.into(),
             client_ip: "127.0.0.1".parse().unwrap(),
             method: "GET".into(),
             path: "/v1/auth/whoami".into(),
@@ -2130,10 +2125,21 @@ mod tests {
             subject: None,
             outcome: Outcome::Allowed,
             reason: None,
-        };
-        // 4 MiB of rows, four times the log's length.
+        }
+    }
+
+    /// A steady stream of audit batches keeps the write-ahead log at about
+    /// [`WAL_PAGES`]: it is copied into the database as it fills.
+    #[tokio::test]
+    async fn the_log_stays_short_under_a_stream_of_audit_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        // 4 MiB of rows, four times the log's length: a client's own ids are
+        // kept whole, ~28 bytes a row.
         for batch in 0..300 {
-            let rows = (0..500).map(|i| attempt(batch * 500 + i)).collect();
+            let rows = (batch * 500..(batch + 1) * 500)
+                .map(|i| whoami_attempt(i, format!("client-{i:016}")))
+                .collect();
             store.append_auth_attempts(Arc::new(rows)).await.unwrap();
         }
         let wal = std::fs::metadata(dir.path().join("sandgate.db-wal")).unwrap();
@@ -2149,18 +2155,7 @@ mod tests {
     async fn attempts_skip_the_disk_wait_alone_and_are_kept_once_synced() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
-        let attempt = |i: i64| AuthAttempt {
-            time: Timestamp::from_millis(1000 + i),
-            request_id: format!("req_s{i}").into(),
-            client_ip: "127.0.0.1".parse().unwrap(),
-            method: "GET".into(),
-            path: "/v1/auth/whoami".into(),
-            key: None,
-            presented_prefix: None,
-            subject: None,
-            outcome: Outcome::Allowed,
-            reason: None,
-        };
+        let attempt = |i: i64| whoami_attempt(i, format!("req_s{i}"));
         store
             .append_auth_attempts(Arc::new((0..5).map(attempt).collect()))
             .await
