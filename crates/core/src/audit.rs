@@ -168,10 +168,9 @@ impl AuditLog {
     }
 
     /// Queues `attempt`; waits only while this thread's shard is full.
-    pub async fn record(&self, attempt: AuthAttempt) {
+    pub async fn record(&self, mut attempt: AuthAttempt) {
         let queue = &self.handle.queue;
         let shard = &queue.shards[shard::this_thread()];
-        let mut attempt = attempt;
         loop {
             let Some(back) = queue.try_push(shard, attempt) else {
                 return;

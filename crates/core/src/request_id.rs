@@ -69,10 +69,8 @@ impl RequestId {
 
     pub fn as_str(&self) -> &str {
         match &self.0 {
-            // Made from a `str` cut at its end: always whole characters.
-            Repr::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
-            }
+            // Made from a whole `str`: always whole characters.
+            Repr::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
             Repr::Shared(id) => id,
         }
     }

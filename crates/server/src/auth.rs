@@ -99,10 +99,10 @@ pub async fn authorize(
         None
     } else {
         let limiter = state.rate_limiter();
-        match limiter.check_now(&principal.key_id, limits) {
-            Some(d) => Some(d),
-            None => Some(limiter.check(&principal.key_id, limits).await),
-        }
+        Some(match limiter.check_now(&principal.key_id, limits) {
+            Some(d) => d,
+            None => limiter.check(&principal.key_id, limits).await,
+        })
     };
     if let Some(d) = decision.filter(|d| !d.allowed) {
         let refusal = Refusal::new(

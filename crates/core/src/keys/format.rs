@@ -104,13 +104,19 @@ pub fn prefix_of(credential: &str) -> Option<&str> {
 
 /// The CRC32 of `body` in base62; on the stack, as it is checked for every key presented.
 fn checksum(body: &str) -> [u8; CHECK_LEN] {
-    let mut n = crc32fast::hash(body.as_bytes());
     let mut out = [b'0'; CHECK_LEN];
+    base62_digits(u128::from(crc32fast::hash(body.as_bytes())), &mut out);
+    out
+}
+
+/// Writes `n` into `out` as base62, zero-padded on the left; returns what did
+/// not fit (0 when all of it did).
+pub(crate) fn base62_digits(mut n: u128, out: &mut [u8]) -> u128 {
     for slot in out.iter_mut().rev() {
         *slot = BASE62[(n % 62) as usize];
         n /= 62;
     }
-    out
+    n
 }
 
 /// A random base62 identifier with a type prefix (`key_…`, `req_…`).

@@ -391,15 +391,22 @@ impl KeyService {
     /// This thread's copy of a valid key, while nothing in the cache changed
     /// since it was made: no lock, and no count shared with other threads.
     fn hot_lookup(&self, hash: &KeyHash, now: Timestamp) -> Option<Arc<Principal>> {
+        self.with_hot_keys(|keys| {
+            let key = keys.iter().find(|k| same_hash(&k.hash, hash))?;
+            // Expiry is the one thing that changes without a write.
+            let expired = key.principal.expires_at.is_some_and(|e| e <= now);
+            (!expired).then(|| Arc::clone(&key.principal))
+        })
+    }
+
+    /// `f` of this thread's copies, when they are this service's and still good.
+    fn with_hot_keys<R>(&self, f: impl FnOnce(&[HotKey]) -> Option<R>) -> Option<R> {
         let generation = self.generation.load(Ordering::Acquire);
         HOT.with_borrow(|hot| {
             if (hot.owner, hot.generation) != (self.id, generation) {
                 return None;
             }
-            let key = hot.keys.iter().find(|k| same_hash(&k.hash, hash))?;
-            // Expiry is the one thing that changes without a write.
-            let expired = key.principal.expires_at.is_some_and(|e| e <= now);
-            (!expired).then(|| Arc::clone(&key.principal))
+            f(&hot.keys)
         })
     }
 
@@ -669,12 +676,8 @@ impl KeyService {
     /// is it and nothing changed since it was made (the executions counter
     /// included: every change of it is a write of the cache).
     fn hot_whoami_json(&self, p: &Arc<Principal>) -> Option<Vec<u8>> {
-        let generation = self.generation.load(Ordering::Acquire);
-        HOT.with_borrow(|hot| {
-            if (hot.owner, hot.generation) != (self.id, generation) {
-                return None;
-            }
-            let key = hot.keys.iter().find(|k| Arc::ptr_eq(&k.principal, p))?;
+        self.with_hot_keys(|keys| {
+            let key = keys.iter().find(|k| Arc::ptr_eq(&k.principal, p))?;
             let head = key.whoami_head.get_or_init(|| whoami_head(p));
             Some(whoami_with(head.as_deref()?, key.quota))
         })

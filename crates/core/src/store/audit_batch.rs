@@ -142,13 +142,9 @@ fn packed_id(id: &[u8]) -> Option<u128> {
     })
 }
 
-fn unpacked_id(mut n: u128) -> Result<String, StoreError> {
+fn unpacked_id(n: u128) -> Result<String, StoreError> {
     let mut digits = [b'0'; ID_DIGITS];
-    for d in digits.iter_mut().rev() {
-        *d = crate::keys::format::BASE62[(n % 62) as usize];
-        n /= 62;
-    }
-    if n != 0 {
+    if crate::keys::format::base62_digits(n, &mut digits) != 0 {
         return Err(corrupt("request id out of range"));
     }
     let mut id = String::with_capacity(4 + ID_DIGITS);
