@@ -50,44 +50,32 @@ pub fn encode(attempts: &[AuthAttempt]) -> Vec<u8> {
     let mut texts = Texts::default();
     let mut rows = Vec::with_capacity(attempts.len() * 16);
     let mut prev_time = 0i64;
-    // Consecutive attempts mostly come from one address: write it out only when it
-    // changes.
-    let mut ip: Option<(std::net::IpAddr, u64)> = None;
-    let mut prev: [Option<(&str, u64)>; TEXTS - 1] = [None; TEXTS - 1];
-    // Nothing is the same as the row before the first.
+    let mut prev: Option<&AuthAttempt> = None;
+    // The row before's text numbers; nothing is the same as the row before the first.
     let mut prev_refs = [u64::MAX; TEXTS];
     for a in attempts {
         let time = a.time.millis();
         push_varint(&mut rows, zigzag(time.wrapping_sub(prev_time)));
         prev_time = time;
-        let mut refs = [0u64; TEXTS];
-        refs[0] = match ip {
-            Some((addr, r)) if addr == a.client_ip => r,
-            _ => {
-                let r = texts.add(Some(&a.client_ip.to_string()));
-                ip = Some((a.client_ip, r));
-                r
-            }
-        };
-        let fields = [
-            Some(&*a.method),
-            Some(&*a.path),
-            a.key_id(),
-            a.key_prefix(),
-            a.tenant(),
-            a.env().map(Env::as_str),
-            a.reason,
-        ];
-        for ((text, prev), slot) in fields.into_iter().zip(&mut prev).zip(&mut refs[1..]) {
-            // Most rows repeat the row before's texts: compare before hashing.
-            *slot = match *prev {
-                Some((t, r)) if Some(t) == text => r,
-                _ => {
-                    let r = texts.add(text);
-                    *prev = text.map(|t| (t, r));
-                    r
-                }
+        // Most rows repeat the row before's texts: compared (by address first)
+        // before any is looked up, and a row of the same key as the row before
+        // has its four texts without a look.
+        let mut refs = prev_refs;
+        let same_key = prev.is_some_and(|p| same_key(p, a));
+        for (i, slot) in refs.iter_mut().enumerate() {
+            let same = match prev {
+                None => false,
+                Some(_) if (KEY_TEXTS).contains(&i) && same_key => true,
+                Some(p) if i == 0 => p.client_ip == a.client_ip,
+                Some(p) => same_text(text(p, i), text(a, i)),
             };
+            if !same {
+                *slot = if i == 0 {
+                    texts.add(Some(&a.client_ip.to_string()))
+                } else {
+                    texts.add(text(a, i))
+                };
+            }
         }
         let same = (0..TEXTS).fold(0u8, |same, i| {
             same | (u8::from(refs[i] == prev_refs[i]) << i)
@@ -99,6 +87,7 @@ pub fn encode(attempts: &[AuthAttempt]) -> Vec<u8> {
             }
         }
         prev_refs = refs;
+        prev = Some(a);
         let denied = match a.outcome {
             Outcome::Allowed => 0,
             Outcome::Denied => DENIED,
@@ -237,6 +226,43 @@ pub fn decode(first_seq: i64, value: &[u8]) -> Result<Vec<AuditRecord>, StoreErr
         return Err(corrupt("trailing bytes"));
     }
     Ok(out)
+}
+
+/// The texts a row's key gives it (key id, prefix, tenant, env).
+const KEY_TEXTS: std::ops::RangeInclusive<usize> = 3..=6;
+
+/// Text `i` of a row (1 to 7: method, path, key id, key prefix, tenant, env,
+/// reason; the client IP, 0, is an address).
+fn text(a: &AuthAttempt, i: usize) -> Option<&str> {
+    match i {
+        1 => Some(&a.method),
+        2 => Some(&a.path),
+        3 => a.key_id(),
+        4 => a.key_prefix(),
+        5 => a.tenant(),
+        6 => a.env().map(Env::as_str),
+        _ => a.reason,
+    }
+}
+
+/// Whether two rows' key texts are the same without reading them: the same
+/// key, and nothing presented beside it.
+fn same_key(a: &AuthAttempt, b: &AuthAttempt) -> bool {
+    match (&a.key, &b.key) {
+        (Some(x), Some(y)) => {
+            std::sync::Arc::ptr_eq(x, y)
+                && a.presented_prefix.is_none()
+                && b.presented_prefix.is_none()
+        }
+        _ => false,
+    }
+}
+
+fn same_text(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => std::ptr::eq(a, b) || a == b,
+        (a, b) => a.is_none() && b.is_none(),
+    }
 }
 
 /// The distinct texts of a batch, numbered from 1 in the order first seen.

@@ -257,6 +257,9 @@ impl SqliteStore {
         // request less with 100 than with 1000 on the 2-CPU test VM).
         conn.pragma_update(None, "wal_autocheckpoint", WAL_PAGES)
             .map_err(db)?;
+        // Room for every statement the server runs often, so none of them is
+        // evicted and prepared again (SQLite's parser is most of a small write).
+        conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn)?;
         restrict_permissions(&path);
         Ok(SqliteStore {
@@ -476,9 +479,17 @@ fn insert_audit(tx: &Transaction<'_>, rows: &[AuditRecord]) -> Result<(), StoreE
     index.write(tx)
 }
 
+/// Runs a statement without parameters or rows, prepared once per connection.
+fn run_cached(conn: &Connection, sql: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.execute([]))
+        .map(drop)
+        .map_err(db)
+}
+
 /// The seq the next audit row gets: one past the last of either table. Called
 /// inside the write transaction, so two processes never hand out the same one.
-fn next_audit_seq(tx: &Transaction<'_>) -> Result<i64, StoreError> {
+fn next_audit_seq(tx: &Connection) -> Result<i64, StoreError> {
     tx.prepare_cached(
         "SELECT max(coalesce((SELECT max(seq) FROM audit_log), 0), \
          coalesce((SELECT last_seq FROM audit_batches ORDER BY first_seq DESC LIMIT 1), 0)) + 1",
@@ -518,7 +529,7 @@ fn decode_quota(r: &Row<'_>, at: usize) -> rusqlite::Result<QuotaRecord> {
     })
 }
 
-fn insert_auth_attempts(tx: &Transaction<'_>, attempts: &[AuthAttempt]) -> Result<(), StoreError> {
+fn insert_auth_attempts(tx: &Connection, attempts: &[AuthAttempt]) -> Result<(), StoreError> {
     if attempts.is_empty() {
         return Ok(());
     }
@@ -593,7 +604,7 @@ impl<'a> AuditIndex<'a> {
         }
     }
 
-    fn write(self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+    fn write(self, tx: &Connection) -> Result<(), StoreError> {
         let mut stmt = tx
             .prepare_cached(
                 "INSERT INTO audit_index (tenant, env, key_id, first_seq, last_seq, seqs) \
@@ -1156,16 +1167,18 @@ impl AuditStore for SqliteStore {
         // Without a sync of the log at commit (WAL, `synchronous=NORMAL` for this
         // transaction only): the commit is in the OS's hands, safe from a crash
         // of this process; `sync_auth_attempts` puts it on disk.
+        // Many of these a second: the transaction's own statements are
+        // prepared once and kept, like the others. (A pragma is compiled again
+        // on every use whatever is done: its work is done while compiling.)
         self.with_conn(move |conn| {
             conn.pragma_update(None, "synchronous", "NORMAL")
                 .map_err(db)?;
-            let written = (|| {
-                let tx = conn
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(db)?;
-                insert_auth_attempts(&tx, &batch)?;
-                tx.commit().map_err(db)
-            })();
+            run_cached(conn, "BEGIN IMMEDIATE")?;
+            let written =
+                insert_auth_attempts(conn, &batch).and_then(|()| run_cached(conn, "COMMIT"));
+            if written.is_err() && !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
             // Every other write keeps waiting for the disk, failed batch or not.
             conn.pragma_update(None, "synchronous", "FULL")
                 .map_err(db)?;
