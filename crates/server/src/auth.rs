@@ -276,11 +276,60 @@ static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
+/// On every response of a rate-limited key. A header value is its own buffer:
+/// numbers below 1000 are slices of one static text, a key's limit (the same on
+/// each of its requests) is this thread's copy, and only what is left allocates.
 fn rate_limit_headers(response: &mut Response, d: RateDecision) {
+    thread_local! {
+        static LIMIT: std::cell::RefCell<Option<(u32, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let limit = small_number(d.limit.into()).unwrap_or_else(|| {
+        LIMIT.with_borrow_mut(|last| match last {
+            Some((n, value)) if *n == d.limit => value.clone(),
+            _ => last.insert((d.limit, HeaderValue::from(d.limit))).1.clone(),
+        })
+    });
+    let remaining =
+        small_number(d.remaining.into()).unwrap_or_else(|| HeaderValue::from(d.remaining));
+    let reset = small_number(d.reset_secs).unwrap_or_else(|| HeaderValue::from(d.reset_secs));
     let headers = response.headers_mut();
-    headers.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(d.limit));
-    headers.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(d.remaining));
-    headers.insert(RATELIMIT_RESET.clone(), HeaderValue::from(d.reset_secs));
+    headers.insert(RATELIMIT_LIMIT.clone(), limit);
+    headers.insert(RATELIMIT_REMAINING.clone(), remaining);
+    headers.insert(RATELIMIT_RESET.clone(), reset);
+}
+
+/// The numbers 0 to 999 written one after another (10 of one digit, 90 of two,
+/// 900 of three).
+static SMALL_NUMBERS: [u8; 2890] = {
+    let mut out = [0u8; 2890];
+    let (mut n, mut at) = (0, 0);
+    while n < 1000 {
+        if n >= 100 {
+            out[at] = b'0' + (n / 100) as u8;
+            at += 1;
+        }
+        if n >= 10 {
+            out[at] = b'0' + (n / 10 % 10) as u8;
+            at += 1;
+        }
+        out[at] = b'0' + (n % 10) as u8;
+        at += 1;
+        n += 1;
+    }
+    out
+};
+
+/// `n` as a header value without an allocation, when it is below 1000.
+fn small_number(n: u64) -> Option<HeaderValue> {
+    let n = usize::try_from(n).ok().filter(|n| *n < 1000)?;
+    let (start, len) = match n {
+        0..=9 => (n, 1),
+        10..=99 => (10 + (n - 10) * 2, 2),
+        _ => (190 + (n - 100) * 3, 3),
+    };
+    let digits = axum::body::Bytes::from_static(&SMALL_NUMBERS[start..start + len]);
+    HeaderValue::from_maybe_shared(digits).ok()
 }
 
 /// A refused request: what the client sees, and what the audit row says.
@@ -579,6 +628,36 @@ mod tests {
         ] {
             let ip: IpAddr = ip.parse().unwrap();
             assert_eq!(IpText::new(ip).as_str(), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn rate_limit_headers_say_the_decisions_numbers() {
+        for n in 0..1000u64 {
+            assert_eq!(small_number(n).unwrap().to_str().unwrap(), n.to_string());
+        }
+        assert!(small_number(1000).is_none());
+        let numbers = [0, 7, 9, 10, 42, 99, 100, 555, 999, 1000, 60_000, u32::MAX];
+        for (i, &n) in numbers.iter().enumerate() {
+            let other = numbers[(i + 5) % numbers.len()];
+            // Twice: the second takes this thread's copy of the limit.
+            for _ in 0..2 {
+                let mut response = Response::new(axum::body::Body::empty());
+                rate_limit_headers(
+                    &mut response,
+                    RateDecision {
+                        allowed: true,
+                        limit: n,
+                        remaining: other,
+                        reset_secs: u64::from(n) * 3,
+                        retry_after_secs: 0,
+                    },
+                );
+                let header = |name: &str| response.headers()[name].to_str().unwrap().to_owned();
+                assert_eq!(header("ratelimit-limit"), n.to_string());
+                assert_eq!(header("ratelimit-remaining"), other.to_string());
+                assert_eq!(header("ratelimit-reset"), (u64::from(n) * 3).to_string());
+            }
         }
     }
 
