@@ -13,14 +13,15 @@
 //!    check, CRC32, SHA-256, map lookup) and one `RateLimiter::check_now`, in a loop.
 //!
 //! The scenarios take turns: the measured time of each is cut into rounds, and every
-//! round runs every scenario once (fresh connections, a short warm-up, a slice of
-//! the measured time), so a machine that is busier for a few seconds weighs on all
-//! of them alike instead of on whichever was running; a scenario's figures are the
-//! sum of its slices.
+//! round runs every scenario once (on its own connections, opened in its first
+//! round and kept; a short warm-up, then a slice of the measured time), so a
+//! machine that is busier for a second weighs on all of them alike instead of on
+//! whichever was running. A scenario's figures are the sum of its slices; the
+//! median of the rounds' ratios is printed beside the ratio of the sums.
 //!
 //! Settings (environment): `SANDGATE_BENCH_SECS` measured seconds per scenario (5),
-//! `SANDGATE_BENCH_ROUNDS` slices they are cut into (5), `SANDGATE_BENCH_WARMUP_SECS`
-//! warm-up before each slice (0.5), `SANDGATE_BENCH_CONC` connections (32),
+//! `SANDGATE_BENCH_ROUNDS` slices they are cut into (20), `SANDGATE_BENCH_WARMUP_SECS`
+//! warm-up before each slice (0.1), `SANDGATE_BENCH_CONC` connections (32),
 //! `SANDGATE_BENCH_ITERS` micro-benchmark iterations (200000), `SANDGATE_BENCH_ONLY`
 //! the scenarios to run, by number from 0 in the order of the table (`0,1`: healthz
 //! and whoami; for profiling one at a time), all by default.
@@ -144,15 +145,30 @@ fn main() -> ExitCode {
         .build()
         .expect("load generator runtime");
     let mut results: Vec<Measured> = scenarios.iter().map(|_| Measured::default()).collect();
+    // Each scenario's connections, kept open from one slice to its next.
+    let mut pools: Vec<Vec<Conn>> = scenarios
+        .iter()
+        .map(|_| (0..settings.concurrency).map(|_| Conn::default()).collect())
+        .collect();
     for round in 1..=settings.rounds {
-        println!("round {round} of {} ...", settings.rounds);
-        for (i, (s, total)) in scenarios.iter().zip(&mut results).enumerate() {
+        if round % 10 == 1 {
+            println!("round {round} of {} ...", settings.rounds);
+        }
+        for (i, ((s, total), pool)) in scenarios
+            .iter()
+            .zip(&mut results)
+            .zip(&mut pools)
+            .enumerate()
+        {
             if !settings.runs(i) {
                 continue;
             }
-            total.merge(load.block_on(measure(server.addr, s, &settings)));
+            let slice = load.block_on(measure(server.addr, s, pool, &settings));
+            total.slices.push(slice.throughput());
+            total.merge(slice);
         }
     }
+    drop(pools);
     for r in &mut results {
         r.latencies_ns.sort_unstable();
     }
@@ -190,6 +206,14 @@ fn main() -> ExitCode {
         "CPU per request, healthz/whoami = {:.2}, healthz/limited = {:.2}",
         health.cpu_per_request().as_secs_f64() / whoami.cpu_per_request().as_secs_f64(),
         health.cpu_per_request().as_secs_f64() / limited.cpu_per_request().as_secs_f64(),
+    );
+    // Each round's two slices ran one after the other: a ratio per round is
+    // less swayed by a few seconds of a busier machine than the totals are.
+    println!(
+        "median of the {} rounds' throughput ratios: whoami/healthz = {:.2}, limited/healthz = {:.2}",
+        settings.rounds,
+        median_ratio(whoami, health),
+        median_ratio(limited, health),
     );
     println!(
         "by credential source, against healthz: stored key {:.2}, JWT HS256 {:.2}, JWT RS256 {:.2}, callback {:.2}",
@@ -251,9 +275,9 @@ impl Settings {
             }
         }
         Settings {
-            warmup: Duration::from_secs_f64(var("SANDGATE_BENCH_WARMUP_SECS", 0.5)),
+            warmup: Duration::from_secs_f64(var("SANDGATE_BENCH_WARMUP_SECS", 0.1)),
             measure: Duration::from_secs_f64(var("SANDGATE_BENCH_SECS", 5.0)),
-            rounds: var("SANDGATE_BENCH_ROUNDS", 5u32).max(1),
+            rounds: var("SANDGATE_BENCH_ROUNDS", 20u32).max(1),
             concurrency: var("SANDGATE_BENCH_CONC", 32usize).max(1),
             iterations: var("SANDGATE_BENCH_ITERS", 200_000u64).max(1),
             only: std::env::var("SANDGATE_BENCH_ONLY").ok().map(|v| {
@@ -374,6 +398,23 @@ struct Measured {
     statuses: BTreeMap<u16, (u64, Vec<u8>)>,
     io_errors: u64,
     first_io_error: Option<String>,
+    /// Throughput of each slice, in round order (a scenario's own figures).
+    slices: Vec<f64>,
+}
+
+/// The median over the rounds of `a`'s slice throughput over `b`'s.
+fn median_ratio(a: &Measured, b: &Measured) -> f64 {
+    let mut ratios: Vec<f64> = a.slices.iter().zip(&b.slices).map(|(x, y)| x / y).collect();
+    if ratios.is_empty() {
+        return f64::NAN;
+    }
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    if n % 2 == 1 {
+        ratios[n / 2]
+    } else {
+        (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0
+    }
 }
 
 impl Measured {
@@ -427,9 +468,20 @@ impl Measured {
     }
 }
 
-/// Warm-up, then one round's slice of the measured time, on `settings.concurrency`
-/// connections.
-async fn measure(addr: SocketAddr, scenario: &Scenario, settings: &Settings) -> Measured {
+/// A connection of a scenario's pool, open or not yet (or no longer).
+#[derive(Debug, Default)]
+struct Conn {
+    stream: Option<TcpStream>,
+}
+
+/// Warm-up, then one round's slice of the measured time, on the scenario's
+/// `settings.concurrency` connections.
+async fn measure(
+    addr: SocketAddr,
+    scenario: &Scenario,
+    pool: &mut [Conn],
+    settings: &Settings,
+) -> Measured {
     let slice = settings.measure / settings.rounds;
     let warm_end = Instant::now() + settings.warmup;
     let end = warm_end + slice;
@@ -440,10 +492,12 @@ async fn measure(addr: SocketAddr, scenario: &Scenario, settings: &Settings) -> 
         tokio::time::sleep_until(end.into()).await;
         process_cpu().saturating_sub(before)
     });
-    let tasks: Vec<_> = (0..settings.concurrency)
-        .map(|_| {
+    let tasks: Vec<_> = pool
+        .iter_mut()
+        .map(|conn| {
             tokio::spawn(connection(
                 addr,
+                conn.stream.take(),
                 Arc::clone(&scenario.request),
                 warm_end,
                 end,
@@ -451,8 +505,10 @@ async fn measure(addr: SocketAddr, scenario: &Scenario, settings: &Settings) -> 
         })
         .collect();
     let mut total = Measured::default();
-    for task in tasks {
-        total.merge(task.await.expect("connection task"));
+    for (task, conn) in tasks.into_iter().zip(pool) {
+        let (stream, seen) = task.await.expect("connection task");
+        conn.stream = stream;
+        total.merge(seen);
     }
     total.measured = slice;
     total.cpu = cpu.await.expect("CPU time task");
@@ -490,15 +546,18 @@ fn process_cpu() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// One keep-alive connection sending `request` back to back until `end`.
+/// One keep-alive connection sending `request` back to back until `end`
+/// (opened first when `stream` is not); handed back open, for the next slice.
 async fn connection(
     addr: SocketAddr,
+    mut stream: Option<TcpStream>,
     request: Arc<[u8]>,
     warm_end: Instant,
     end: Instant,
-) -> Measured {
+) -> (Option<TcpStream>, Measured) {
     let mut seen = Measured::default();
-    let mut stream: Option<TcpStream> = None;
+    // One request in flight, each response read whole: nothing is left over
+    // from a slice to the next.
     let mut buf = Vec::with_capacity(8192);
     while Instant::now() < end {
         let s = match &mut stream {
@@ -535,7 +594,7 @@ async fn connection(
             }
         }
     }
-    seen
+    (stream, seen)
 }
 
 async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
