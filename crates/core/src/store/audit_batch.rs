@@ -65,7 +65,7 @@ pub fn encode(attempts: &[AuthAttempt]) -> Vec<u8> {
         for (i, slot) in refs.iter_mut().enumerate() {
             let same = match prev {
                 None => false,
-                Some(_) if (KEY_TEXTS).contains(&i) && same_key => true,
+                Some(_) if same_key && KEY_TEXTS.contains(&i) => true,
                 Some(p) if i == 0 => p.client_ip == a.client_ip,
                 Some(p) => same_text(text(p, i), text(a, i)),
             };

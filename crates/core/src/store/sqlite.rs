@@ -258,7 +258,7 @@ impl SqliteStore {
         conn.pragma_update(None, "wal_autocheckpoint", WAL_PAGES)
             .map_err(db)?;
         // Room for every statement the server runs often, so none of them is
-        // evicted and prepared again (SQLite's parser is most of a small write).
+        // evicted and prepared again (preparing costs more than running a small one).
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn)?;
         restrict_permissions(&path);
@@ -1173,9 +1173,9 @@ impl AuditStore for SqliteStore {
         self.with_conn(move |conn| {
             conn.pragma_update(None, "synchronous", "NORMAL")
                 .map_err(db)?;
-            run_cached(conn, "BEGIN IMMEDIATE")?;
-            let written =
-                insert_auth_attempts(conn, &batch).and_then(|()| run_cached(conn, "COMMIT"));
+            let written = run_cached(conn, "BEGIN IMMEDIATE")
+                .and_then(|()| insert_auth_attempts(conn, &batch))
+                .and_then(|()| run_cached(conn, "COMMIT"));
             if written.is_err() && !conn.is_autocommit() {
                 let _ = conn.execute_batch("ROLLBACK");
             }
