@@ -146,9 +146,9 @@ fn main() -> ExitCode {
         .expect("load generator runtime");
     let mut results: Vec<Measured> = scenarios.iter().map(|_| Measured::default()).collect();
     // Each scenario's connections, kept open from one slice to its next.
-    let mut pools: Vec<Vec<Conn>> = scenarios
+    let mut pools: Vec<Vec<Option<TcpStream>>> = scenarios
         .iter()
-        .map(|_| (0..settings.concurrency).map(|_| Conn::default()).collect())
+        .map(|_| (0..settings.concurrency).map(|_| None).collect())
         .collect();
     for round in 1..=settings.rounds {
         if round % 10 == 1 {
@@ -468,18 +468,12 @@ impl Measured {
     }
 }
 
-/// A connection of a scenario's pool, open or not yet (or no longer).
-#[derive(Debug, Default)]
-struct Conn {
-    stream: Option<TcpStream>,
-}
-
 /// Warm-up, then one round's slice of the measured time, on the scenario's
 /// `settings.concurrency` connections.
 async fn measure(
     addr: SocketAddr,
     scenario: &Scenario,
-    pool: &mut [Conn],
+    pool: &mut [Option<TcpStream>],
     settings: &Settings,
 ) -> Measured {
     let slice = settings.measure / settings.rounds;
@@ -497,7 +491,7 @@ async fn measure(
         .map(|conn| {
             tokio::spawn(connection(
                 addr,
-                conn.stream.take(),
+                conn.take(),
                 Arc::clone(&scenario.request),
                 warm_end,
                 end,
@@ -507,7 +501,7 @@ async fn measure(
     let mut total = Measured::default();
     for (task, conn) in tasks.into_iter().zip(pool) {
         let (stream, seen) = task.await.expect("connection task");
-        conn.stream = stream;
+        *conn = stream;
         total.merge(seen);
     }
     total.measured = slice;
